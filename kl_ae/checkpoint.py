@@ -1,0 +1,112 @@
+"""Run-directory checkpoints: ``checkpoints/step-NNNNNNN/`` plus a ``checkpoints/latest`` pointer.
+
+A checkpoint holds Accelerate's state (models as safetensors, optimizers, schedulers, RNG states),
+the EMA weights as ``ema.safetensors`` and the loop state as ``loop_state.json``. It is written
+to a temporary directory and renamed into place, and ``latest`` is replaced only afterwards, so
+``latest`` always names a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+LOOP_STATE = "loop_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+AE_WEIGHTS = "model.safetensors"  # Accelerate's name for the first prepared model (the AE wrapper)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def write_latest(checkpoints_dir: Path, name: str) -> None:
+    tmp = checkpoints_dir / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoints_dir / LATEST)
+
+
+def resolve_checkpoint(path: str | Path, run_dir: str | Path | None = None) -> Path:
+    """Find a checkpoint directory.
+
+    ``path`` may be 'latest' (in ``run_dir``), a run directory (its latest checkpoint) or a
+    checkpoint directory. Raises FileNotFoundError with what was looked for.
+    """
+    if str(path) == LATEST:
+        if run_dir is None:
+            raise FileNotFoundError("'latest' needs a run directory")
+        path = Path(run_dir)
+    path = Path(path)
+    if (path / LOOP_STATE).is_file():
+        return path
+    pointer = path / "checkpoints" / LATEST
+    if pointer.is_file():
+        ckpt = path / "checkpoints" / pointer.read_text().strip()
+        if (ckpt / LOOP_STATE).is_file():
+            return ckpt
+        raise FileNotFoundError(f"{pointer} names {ckpt}, which is not a complete checkpoint")
+    raise FileNotFoundError(
+        f"no checkpoint at {path}: expected a checkpoint directory (with {LOOP_STATE}) "
+        f"or a run directory with checkpoints/{LATEST}"
+    )
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """``RUN/checkpoints/step-N`` -> ``RUN``."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+def save_ema(ema, named_parameters: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Write EMA shadow weights keyed by the autoencoder's parameter names (safetensors, no pickle)."""
+    names = [n for n, _ in named_parameters]
+    tensors = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
+    save_file(tensors, str(path), metadata={"optimization_step": str(ema.optimization_step)})
+
+
+def load_ema_into(ema, named_parameters: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Restore EMA shadow weights written by :func:`save_ema`. Raises KeyError on a missing name."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    for (name, _), shadow in zip(named_parameters, ema.shadow_params):
+        shadow.data.copy_(tensors[name].to(shadow.device))
+    with safe_open(str(path), framework="pt") as f:
+        ema.optimization_step = int(f.metadata()["optimization_step"])
+
+
+def load_autoencoder_state(checkpoint: Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The ``AutoencoderKL`` state dict stored in a checkpoint (EMA weights when present and asked for)."""
+    ema_file = checkpoint / EMA_WEIGHTS
+    if use_ema and ema_file.is_file():
+        state = load_file(str(ema_file))
+        # EMA covers the trainable parameters only; buffers (none in AutoencoderKL today) come from the raw model.
+        raw = _raw_autoencoder_state(checkpoint)
+        return {**raw, **state}
+    return _raw_autoencoder_state(checkpoint)
+
+
+def _raw_autoencoder_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    file = checkpoint / AE_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {AE_WEIGHTS}")
+    state = load_file(str(file))
+    return {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
+
+
+def finalize_checkpoint(tmp_dir: Path, final_dir: Path, loop_state: dict) -> None:
+    """Write loop_state.json last, rename the temporary directory into place, update ``latest``."""
+    (tmp_dir / LOOP_STATE).write_text(json.dumps(loop_state, indent=2))
+    if final_dir.exists():  # a checkpoint of the same step from an earlier, resumed attempt
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    write_latest(final_dir.parent, final_dir.name)
+
+
+def read_loop_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / LOOP_STATE).read_text())

@@ -1,0 +1,101 @@
+"""``kl-ae`` command line: train, export, eval, shards. Each command parses and makes one library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from kl_ae import __version__
+
+
+def _train(args: argparse.Namespace) -> None:
+    from kl_ae.config import load_config
+    from kl_ae.trainer import train
+
+    cfg = load_config(args.config, args.set or [])
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run directory: {run_dir}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from kl_ae.export import export_checkpoint
+
+    out = export_checkpoint(args.run, args.out, force=args.force, images=args.images)
+    print(f"exported to {out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from kl_ae.evaluate import run
+
+    run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
+        lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images)
+
+
+def _shards(args: argparse.Namespace) -> None:
+    from kl_ae.data import pack_shards
+
+    result = pack_shards(args.src, args.out, max_count=args.max_count)
+    print(json.dumps(result, indent=2))
+    print(f"train on them with: --set data.train='{result['pattern']}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kl-ae", description="Train, export and evaluate KL autoencoders.")
+    parser.add_argument("--version", action="version", version=f"kl-ae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an autoencoder from a YAML config")
+    p.add_argument("config", nargs="?", default=None, help="YAML file overriding the defaults (configs/*.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="latest|DIR",
+                   help="continue from the run's latest checkpoint or from a checkpoint directory")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="write a run checkpoint in the diffusers AutoencoderKL layout")
+    p.add_argument("run", help="run directory (its latest checkpoint) or checkpoint directory")
+    p.add_argument("out", help="output directory (must be empty unless --force)")
+    p.add_argument("--images", default=None, help="images for scaling_factor (default: the run's data.train)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="reconstruction PSNR / SSIM / LPIPS and throughput")
+    p.add_argument("model", help="diffusers AutoencoderKL directory, run directory or checkpoint")
+    p.add_argument("images", help="image folder, shard pattern or builtin:val")
+    p.add_argument("--out", default=None, help="write the report as JSON to this file")
+    p.add_argument("--resolution", type=int, default=256, help="resize short side + center crop size (px)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lpips-trunk", default="auto",
+                   help="VGG16 trunk: auto (torchvision cache), a file path, or random (reported as lpips_random_trunk)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also report the mean-colour and bicubic down/up baselines")
+    p.add_argument("--max-images", type=int, default=None)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("shards", help="pack a folder of images into webdataset shards")
+    p.add_argument("src", help="folder of images (searched recursively)")
+    p.add_argument("out", help="output folder for shard-NNNNNN.tar")
+    p.add_argument("--max-count", type=int, default=1000, help="images per shard")
+    p.set_defaults(func=_shards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing we run needs the Hub; avoids retry stalls
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from kl_ae.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"kl-ae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

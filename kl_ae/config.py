@@ -1,0 +1,284 @@
+"""Typed run configuration: dataclasses are the single source of truth.
+
+A YAML file overrides the dataclass defaults and ``--set dotted.key=value`` overrides the YAML.
+Every key is checked against the dataclass fields: an unknown key or a value of the wrong type
+raises :class:`ConfigError` naming the key, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """The autoencoder: a diffusers ``AutoencoderKL`` (LDM/SD architecture). Defaults: SD 1.x VAE."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    """Channels of each encoder/decoder level; the downsampling factor is 2**(len - 1)."""
+    layers_per_block: int = 2
+    """ResNet blocks per encoder level (the decoder has one more, as in LDM)."""
+    latent_channels: int = 4
+    """Channels of the latent z (4 for SD/SDXL, 16 for SD3/FLUX)."""
+    norm_num_groups: int = 32
+    """GroupNorm groups; must divide every entry of block_out_channels."""
+    use_quant_conv: bool = True
+    """1x1 conv on the posterior moments (SD 1.x/SDXL: true; SD3/FLUX: false)."""
+    use_post_quant_conv: bool = True
+    """1x1 conv on z before decoding (SD 1.x/SDXL: true; SD3/FLUX: false)."""
+    mid_block_add_attention: bool = True
+    """Self-attention in the encoder/decoder mid block (LDM: true)."""
+    use_shift_factor: bool = False
+    """Export a shift_factor (latent mean) next to scaling_factor (SD3/FLUX convention)."""
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class LossConfig:
+    """The LDM first-stage loss (ldm/modules/losses/contperceptual.py), see kl_ae/losses.py."""
+
+    kl_weight: float = 1e-6
+    """Weight of the KL term; KL is summed over latent C*h*w and averaged over the batch (LDM)."""
+    perceptual_weight: float = 1.0
+    """Weight of LPIPS(VGG) added to every pixel's L1 term (LDM); 0 disables LPIPS."""
+    lpips_trunk: str = "auto"
+    """VGG16 trunk for LPIPS: 'auto' (torchvision's cache, $TORCH_HOME/hub/checkpoints), a path to
+    vgg16-397923af.pth, or 'random' (untrained trunk: smoke runs and tests only; logged as
+    lpips_random_trunk, never as lpips)."""
+    learn_logvar: bool = False
+    """Train the scalar log-variance of the NLL (SGM's learn_logvar). False reproduces LDM (stays at logvar_init)."""
+    logvar_init: float = 0.0
+    """Initial value of the scalar log-variance."""
+    disc_start: int = 50001
+    """Optimizer step from which the adversarial terms are on (LDM kl-f8: 50001)."""
+    disc_weight: float = 0.5
+    """Multiplier of the adaptive generator weight (LDM: 0.5)."""
+    disc_factor: float = 1.0
+    """Factor of both adversarial losses once active (LDM: 1.0)."""
+    disc_loss: str = "hinge"
+    """Discriminator loss: 'hinge' (LDM default) or 'vanilla' (softplus / non-saturating)."""
+    disc_num_layers: int = 3
+    """Strided conv layers of the PatchGAN discriminator (LDM: 3)."""
+    disc_channels: int = 64
+    """Filters of the discriminator's first layer (LDM: 64)."""
+
+
+@dataclass
+class DataConfig:
+    """Training images."""
+
+    train: str = "builtin:samples"
+    """Image folder, webdataset shard pattern ('shards/train-{000000..000009}.tar', a list file
+    of shard URLs is not supported) or 'builtin:samples' (photographs shipped with scikit-image)."""
+    resolution: int = 256
+    """Square crop size in pixels; must be divisible by the downsampling factor."""
+    random_flip: bool = True
+    """Random horizontal flip."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process (0: decode in the main process)."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer for webdataset shards (shard order is shuffled too)."""
+    val: str = ""
+    """Images evaluated after the final export (same forms as data.train); empty: no evaluation."""
+    val_resolution: int = 256
+    """Evaluation crop (resize short side, center crop), the common published protocol's 256."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam for the autoencoder and the discriminator, as in LDM."""
+
+    base_learning_rate: float = 4.5e-6
+    """LDM's base LR; the LR actually used is base * batch * accumulation * processes when scale_lr."""
+    scale_lr: bool = True
+    """Apply LDM's linear LR scaling rule (main.py --scale_lr, on by default there)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps of both optimizers (0: constant LR, as LDM)."""
+    max_grad_norm: float = 0.0
+    """Clip each model's gradient norm to this value (0: no clipping, as LDM)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and run directory."""
+
+    output_dir: str = "runs/kl-ae"
+    """Run directory: config.yaml, train.log, TensorBoard logs, checkpoints/, samples/, export/."""
+    max_steps: int = 100_000
+    """Optimizer steps (each updates the autoencoder and, once active, the discriminator)."""
+    batch_size: int = 12
+    """Images per process per micro-batch (LDM kl-f8: 12)."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches per optimizer step (LDM kl-f8: 2)."""
+    mixed_precision: str = "bf16"
+    """'bf16' (autocast over fp32 weights), 'fp16' (GPU only) or 'no'."""
+    seed: int = 0
+    """Base seed; each process adds its rank."""
+    ema_decay: float = 0.9999
+    """EMA decay of the autoencoder weights (0 disables EMA; the export then takes the raw weights)."""
+    log_every: int = 10
+    """Steps between scalar logs."""
+    image_every: int = 500
+    """Steps between input | reconstruction grids (TensorBoard and samples/)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (a final one is always written)."""
+    scaling_images: int = 64
+    """Training images encoded to compute scaling_factor / shift_factor at export."""
+    tracker: str = "tensorboard"
+    """Accelerate tracker name ('tensorboard', 'wandb', ...) or 'none'."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check values that are well-typed but unusable. Raises ConfigError."""
+        m, d, loss, t = self.model, self.data, self.loss, self.train
+        if not m.block_out_channels or any(c <= 0 for c in m.block_out_channels):
+            raise ConfigError("model.block_out_channels must be a non-empty list of positive ints")
+        bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+        if bad:
+            raise ConfigError(
+                f"model.norm_num_groups={m.norm_num_groups} does not divide model.block_out_channels {bad}"
+            )
+        f = m.downsampling_factor
+        if d.resolution <= 0 or d.resolution % f:
+            raise ConfigError(
+                f"data.resolution={d.resolution} is not divisible by the downsampling factor {f} "
+                f"(2**(len(model.block_out_channels)-1)); use a multiple of {f}"
+            )
+        if loss.disc_loss not in ("hinge", "vanilla"):
+            raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
+        if t.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {t.mixed_precision!r}")
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
+                    "image_every", "checkpoint_every"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` coerced to the annotated type ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from a nested dict, checking names and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(names)}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _check_type(value, hints[name], key))
+
+
+def _parse_override(item: str) -> dict:
+    """``'train.max_steps=20'`` -> ``{'train': {'max_steps': 20}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set has an empty key part in {item!r}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from the defaults, a YAML file and ``dotted.key=value`` overrides.
+
+    Raises:
+        ConfigError: missing/unreadable file, unknown key, wrong type or unusable value.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        _apply(cfg, values)
+    for item in overrides:
+        _apply(cfg, _parse_override(item))
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,423 @@
+"""Reconstruction quality and speed of an autoencoder on an image set, under a stated protocol.
+
+Protocol (also written into every report, so a number never travels without it):
+
+- Each image goes through ``kl_ae.data.eval_transform``: short side resized to R (bicubic,
+  antialias), centre crop R x R, values in [-1, 1].
+- Reconstruction x̂ = decode(posterior MODE): deterministic, no sampling; fp32, eval mode.
+- x and x̂ are clamped to [-1, 1], mapped to [0, 1] and rounded to k/255 (what saving an 8-bit
+  PNG gives). PSNR, SSIM and LPIPS are all computed on these 8-bit images.
+- PSNR = 10·log10(1 / MSE), data range 1.0, MSE over all pixels and RGB channels of one image.
+- SSIM (Wang, Bovik, Sheikh, Simoncelli, "Image quality assessment: from error visibility to
+  structural similarity", IEEE TIP 2004) via torchmetrics: gaussian window 11 x 11, sigma 1.5,
+  K1 0.01, K2 0.03, data range 1.0, averaged over RGB channels and pixels of one image.
+- LPIPS (Zhang et al. 2018, v0.1, VGG trunk) via ``kl_ae.perceptual.build_lpips`` when its VGG16
+  trunk weights are present; otherwise skipped with the reason. A random-trunk network is
+  reported only under the key ``lpips_random_trunk``, never as ``lpips``.
+- Per-image values, then the plain mean over images.
+- Infinite PSNR (x̂ identical to x after 8-bit rounding, MSE 0) has no JSON form: it is written
+  as ``null``, and a mean over images that include one is ``null`` too, with
+  ``psnr_infinite`` giving the count. (Any other non-finite value, e.g. from a NaN
+  reconstruction, is also written as ``null``.)
+
+Baselines go through the same metric code as the model: a *reconstructor* is any callable
+x -> x̂ on (B, 3, R, R) float tensors in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import nn
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+from tqdm import tqdm
+
+from kl_ae.data import SkipCounter, eval_transform, iter_images
+from kl_ae.perceptual import LPIPSWeightsError, build_lpips
+
+Reconstructor = Callable[[torch.Tensor], torch.Tensor]
+
+SSIM_KERNEL_SIZE = 11  # Wang et al. 2004: 11x11 circular-symmetric gaussian window, sigma 1.5
+SSIM_SIGMA = 1.5
+LPIPS_NET = "vgg"  # the trunk the LDM/SD loss and most published VAE tables use
+EVAL_DTYPE = torch.float32  # evaluation precision; fp16 overflows in SD-family VAEs
+
+BASELINE_DESCRIPTIONS = {
+    "mean_colour": "every pixel replaced by the image's per-channel mean",
+    "bicubic": "downsample by the autoencoder's factor f (bicubic, antialias), "
+    "upsample back (bicubic), clamp to [-1, 1]",
+}
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """x: float in [-1, 1] (values outside are clamped) -> same shape in [0, 1], rounded to k/255."""
+    return torch.round((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5) / 255.0
+
+
+def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of 8-bit-rounded images, data range 1.0.
+
+    x, x_hat: (B, 3, H, W) float in [-1, 1] -> (B,) float; +inf where the 8-bit images are equal.
+    """
+    return peak_signal_noise_ratio(
+        to_8bit(x_hat), to_8bit(x), data_range=1.0, dim=(1, 2, 3), reduction="none"
+    )
+
+
+def ssim_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004, torchmetrics) of 8-bit-rounded images, data range 1.0.
+
+    x, x_hat: (B, 3, H, W) float in [-1, 1], H and W >= 11 -> (B,) float, at most 1.
+    """
+    return structural_similarity_index_measure(
+        to_8bit(x_hat),
+        to_8bit(x),
+        gaussian_kernel=True,
+        sigma=SSIM_SIGMA,
+        kernel_size=SSIM_KERNEL_SIZE,
+        data_range=1.0,
+        reduction="none",
+    )
+
+
+def image_metrics(
+    x: torch.Tensor, x_hat: torch.Tensor, lpips: tuple[nn.Module, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """All per-image metrics of one batch: {"psnr", "ssim"(, lpips name)} -> (B,) tensors.
+
+    x, x_hat: (B, 3, H, W) float in [-1, 1]. lpips: (module, metric name) from ``build_lpips``;
+    it sees the same 8-bit images as PSNR/SSIM, mapped back to [-1, 1].
+    """
+    out = {"psnr": psnr_8bit(x, x_hat), "ssim": ssim_8bit(x, x_hat)}
+    if lpips is not None:
+        module, name = lpips
+        out[name] = module(to_8bit(x) * 2 - 1, to_8bit(x_hat) * 2 - 1).flatten()
+    return out
+
+
+# --- reconstructors ------------------------------------------------------------------------
+
+
+def mean_colour(x: torch.Tensor) -> torch.Tensor:
+    """Baseline: (B, 3, H, W) -> same shape, every pixel set to its image's per-channel mean."""
+    return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
+
+
+def bicubic(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Baseline: downsample by ``factor`` (bicubic, antialias), upsample back (bicubic), clamp.
+
+    x: (B, 3, H, W) in [-1, 1] -> same shape in [-1, 1]. Keeps as many pixels as the latent
+    has positions, with 3 numbers each instead of latent_channels.
+    """
+    h, w = x.shape[-2:]
+    small = F.interpolate(
+        x, size=(max(1, h // factor), max(1, w // factor)), mode="bicubic", antialias=True,
+        align_corners=False,
+    )
+    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Spatial factor f of a diffusers AutoencoderKL: one 2x downsample per block but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class AutoencoderReconstructor:
+    """x -> decode(posterior mode) for an ``AutoencoderKL``, timing encode and decode apart.
+
+    Encode = encoder + quant_conv + posterior mode; decode = post_quant_conv + decoder. On CUDA
+    the device is synchronised around each timed part. Call under ``torch.inference_mode()``.
+    """
+
+    def __init__(self, vae: AutoencoderKL, device: torch.device):
+        self.vae = vae
+        self.device = device
+        self.timings: list[tuple[int, float, float]] = []  # (images, encode s, decode s) per call
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = self._now()
+        z = self.vae.encode(x).latent_dist.mode()
+        t1 = self._now()
+        x_hat = self.vae.decode(z).sample
+        t2 = self._now()
+        self.timings.append((x.shape[0], t1 - t0, t2 - t1))
+        return x_hat
+
+    def throughput(self) -> dict:
+        """Images per second for encode and decode; the first (warm-up) batch is excluded when
+        there was more than one batch."""
+        warmup = len(self.timings) > 1
+        timed = self.timings[1:] if warmup else self.timings
+        n = sum(t[0] for t in timed)
+        enc = sum(t[1] for t in timed)
+        dec = sum(t[2] for t in timed)
+        return {
+            "encode_images_per_s": n / enc if enc > 0 else None,
+            "decode_images_per_s": n / dec if dec > 0 else None,
+            "timed_batches": len(timed),
+            "timed_images": n,
+            "warmup_batch_excluded": warmup,
+        }
+
+
+# --- the evaluation loop -------------------------------------------------------------------
+
+
+def _batches(
+    images: str, resolution: int, batch_size: int, max_images: int | None, counter: SkipCounter
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, (b, 3, R, R) in [-1, 1]) batches in the data module's deterministic order."""
+    stream = itertools.islice(iter_images(images, counter), max_images)
+    while chunk := list(itertools.islice(stream, batch_size)):
+        yield [name for name, _ in chunk], torch.stack(
+            [eval_transform(img, resolution) for _, img in chunk]
+        )
+
+
+def score_reconstructors(
+    reconstructors: dict[str, Reconstructor],
+    batches: Iterable[tuple[list[str], torch.Tensor]],
+    lpips: tuple[nn.Module, str] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """Run every reconstructor on every batch and score it with :func:`image_metrics`.
+
+    batches: (names, (B, 3, R, R) float in [-1, 1]). Returns the image names and
+    ``{reconstructor: {metric: [per-image value, ...]}}`` in the same order.
+    """
+    names: list[str] = []
+    scores: dict[str, dict[str, list[float]]] = {key: {} for key in reconstructors}
+    with torch.inference_mode():
+        for batch_names, x in tqdm(
+            batches, total=total, disable=not progress, desc="evaluate", unit="batch"
+        ):
+            x = x.to(device=device, dtype=EVAL_DTYPE)
+            names.extend(batch_names)
+            for key, reconstruct in reconstructors.items():
+                for metric, values in image_metrics(x, reconstruct(x), lpips).items():
+                    scores[key].setdefault(metric, []).extend(values.cpu().tolist())
+    return names, scores
+
+
+def _json_float(v: float | None) -> float | None:
+    """JSON has no inf/nan: non-finite values become None (null)."""
+    return v if v is not None and math.isfinite(v) else None
+
+
+def summarise(values: dict[str, list[float]]) -> dict:
+    """Per-metric means over images, JSON-safe (see the module docstring on infinite PSNR)."""
+    out: dict = {m: _json_float(math.fsum(v) / len(v)) for m, v in values.items() if v}
+    n_inf = sum(math.isinf(v) for v in values.get("psnr", []))
+    if n_inf:
+        out["psnr_infinite"] = n_inf
+    return out
+
+
+def _protocol(resolution: int, lpips_name: str | None, lpips_reason: str | None) -> dict:
+    if lpips_name is None:
+        lpips_text = f"skipped: {lpips_reason}"
+    else:
+        lpips_text = (
+            f"{lpips_name}: LPIPS v0.1 ({LPIPS_NET}) via kl_ae.perceptual.build_lpips on the "
+            "8-bit images mapped back to [-1, 1]"
+        )
+        if lpips_name != "lpips":
+            lpips_text += " -- RANDOM trunk weights: not LPIPS, not comparable to LPIPS"
+    return {
+        "text": (
+            f"{resolution}x{resolution} centre crops; reconstruction = decode(posterior mode), "
+            "deterministic, fp32; PSNR/SSIM on images rounded to 8 bits in [0, 1] "
+            "(data range 1.0); SSIM gaussian 11x11 sigma 1.5 (torchmetrics, Wang et al. 2004); "
+            "per-image values averaged over images; PSNR null = infinite (identical images)"
+        ),
+        "resolution": resolution,
+        "crop": f"resize short side to {resolution} (bicubic, antialias), centre crop",
+        "reconstruction": "decode(posterior mode): deterministic, no sampling",
+        "precision": "float32, model in eval mode",
+        "rounding": "x and reconstruction clamped to [-1, 1], mapped to [0, 1], rounded to k/255",
+        "psnr": "10*log10(1/MSE) per image, data range 1.0, MSE over pixels and RGB; "
+        "null where infinite (MSE 0)",
+        "ssim": "torchmetrics structural_similarity_index_measure, gaussian 11x11 sigma 1.5, "
+        "K1 0.01, K2 0.03, data range 1.0, mean over RGB and pixels (Wang et al. 2004)",
+        "lpips": lpips_text,
+        "lpips_net": LPIPS_NET,
+        "baselines": BASELINE_DESCRIPTIONS,
+    }
+
+
+def _load_lpips(trunk: str | None, device: torch.device) -> tuple[tuple[nn.Module, str] | None, str | None]:
+    """(module, name) or None with the reason LPIPS is skipped."""
+    if trunk is None or trunk == "none":
+        return None, "disabled (lpips_trunk=None)"
+    try:
+        module, name = build_lpips(trunk=trunk, net=LPIPS_NET)
+    except LPIPSWeightsError as err:
+        return None, f"VGG16 trunk weights not found: {err}"
+    return (module.to(device=device, dtype=EVAL_DTYPE).eval(), name), None
+
+
+def evaluate(
+    vae: AutoencoderKL,
+    images: str,
+    *,
+    resolution: int = 256,
+    batch_size: int = 4,
+    lpips_trunk: str | None = "auto",
+    baselines: bool = False,
+    max_images: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Reconstruction metrics and encode/decode throughput of ``vae`` on ``images``.
+
+    images: a spec for ``kl_ae.data.iter_images`` (folder, webdataset shards or 'builtin:val').
+    The model is moved to ``device`` (default: CUDA if available, else CPU) in float32 and put
+    in eval mode, in place. lpips_trunk: passed to ``build_lpips`` ("auto", "random", ...);
+    None skips LPIPS. Returns a JSON-serialisable report (see the module docstring and
+    :func:`format_report`). Raises ValueError on bad arguments or when no image could be used.
+    """
+    f = downsampling_factor(vae)
+    if batch_size < 1 or (max_images is not None and max_images < 1):
+        raise ValueError(f"batch_size and max_images must be >= 1, got {batch_size}, {max_images}")
+    if resolution % f or resolution < SSIM_KERNEL_SIZE:
+        raise ValueError(
+            f"resolution {resolution} must be a multiple of the downsampling factor {f} "
+            f"and at least {SSIM_KERNEL_SIZE} (the SSIM window)"
+        )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = vae.to(device=device, dtype=EVAL_DTYPE).eval()
+    lpips, lpips_reason = _load_lpips(lpips_trunk, device)
+
+    model = AutoencoderReconstructor(vae, device)
+    reconstructors: dict[str, Reconstructor] = {"model": model}
+    if baselines:
+        reconstructors["mean_colour"] = mean_colour
+        reconstructors["bicubic"] = lambda x: bicubic(x, f)
+    counter = SkipCounter()
+    total = math.ceil(max_images / batch_size) if max_images else None
+    batches = _batches(images, resolution, batch_size, max_images, counter)
+    names, scores = score_reconstructors(reconstructors, batches, lpips, device, progress, total)
+    if not names:
+        raise ValueError(
+            f"no usable image in {images!r} (skipped: {counter.as_dict() or 'none found'})"
+        )
+
+    c = vae.config.latent_channels
+    report = {
+        "protocol": _protocol(resolution, lpips[1] if lpips else None, lpips_reason),
+        "images": images,
+        "num_images": len(names),
+        "skipped": counter.as_dict(),
+        "model": {
+            "latent_channels": c,
+            "downsampling_factor": f,
+            "compression_ratio": 3 * f * f / c,
+            "parameters": sum(p.numel() for p in vae.parameters()),
+        },
+        "metrics": summarise(scores["model"]),
+    }
+    if lpips_reason:
+        report["lpips_skipped"] = lpips_reason
+    report["per_image"] = [
+        {"name": name, **{m: _json_float(v[i]) for m, v in scores["model"].items()}}
+        for i, name in enumerate(names)
+    ]
+    report["throughput"] = {
+        "device": str(device),
+        "dtype": str(EVAL_DTYPE).removeprefix("torch."),
+        "batch_size": batch_size,
+        **model.throughput(),
+    }
+    if baselines:
+        report["baselines"] = {k: summarise(scores[k]) for k in BASELINE_DESCRIPTIONS}
+    return report
+
+
+# --- presentation and entry point ------------------------------------------------------------
+
+
+def _cell(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "-"
+    v = metrics[key]
+    if v is None:
+        return "inf" if key == "psnr" and metrics.get("psnr_infinite") else "n/a"
+    return f"{v:.2f}" if key == "psnr" else f"{v:.4f}"
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of a report from :func:`evaluate`: metric rows, model and baselines
+    as columns, then model, throughput, protocol and skipped-image lines."""
+    columns = {"model": report["metrics"], **report.get("baselines", {})}
+    metric_keys = ["psnr", "ssim"] + [
+        k for k in report["metrics"] if k not in ("psnr", "ssim", "psnr_infinite")
+    ]
+    labels = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS",
+              "lpips_random_trunk": "LPIPS (random trunk!)"}
+    rows = [["metric", *columns]] + [
+        [labels.get(k, k), *(_cell(m, k) for m in columns.values())] for k in metric_keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                  enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    m, t = report["model"], report["throughput"]
+    enc, dec = t["encode_images_per_s"], t["decode_images_per_s"]
+    lines = [
+        f"Reconstruction of {report['num_images']} images from {report['images']}",
+        *table,
+    ]
+    if "lpips_skipped" in report:
+        lines.append(f"LPIPS skipped: {report['lpips_skipped']}")
+    lines += [
+        f"model: f{m['downsampling_factor']} c{m['latent_channels']}, compression "
+        f"{m['compression_ratio']:g}x, {m['parameters'] / 1e6:.2f} M parameters",
+        f"throughput ({t['device']}, {t['dtype']}, batch {t['batch_size']}): encode "
+        f"{enc or 0:.2f} img/s, decode {dec or 0:.2f} img/s over {t['timed_images']} images"
+        + (" (warm-up batch excluded)" if t["warmup_batch_excluded"] else " (includes warm-up)"),
+        f"protocol: {report['protocol']['text']}",
+    ]
+    skipped = report.get("skipped") or {}
+    lines.append(
+        "skipped: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) if skipped else "none")
+    )
+    return "\n".join(lines)
+
+
+def run(model: str, images: str, out: str | None = None, **kwargs) -> dict:
+    """Load ``model`` (diffusers export dir, run dir or checkpoint dir), evaluate it on
+    ``images`` (kwargs go to :func:`evaluate`), print the table, write the JSON report to
+    ``out`` (parent dirs created) if given, and return the report."""
+    from kl_ae.export import load_autoencoder
+
+    report = evaluate(load_autoencoder(model), images, **kwargs)
+    report["model"]["path"] = str(model)
+    print(format_report(report))
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report

@@ -1,0 +1,164 @@
+"""Export to the diffusers ``AutoencoderKL`` layout and the latent scaling/shift factors.
+
+An export directory is exactly what ``AutoencoderKL.save_pretrained`` writes (config.json +
+diffusion_pytorch_model.safetensors), so ``AutoencoderKL.from_pretrained(DIR)`` and diffusers
+pipelines load it as they load the SD/SDXL/SD3/FLUX VAEs. ``scaling_factor`` (and
+``shift_factor`` where the config asks for it) are measured on training images and stored in
+config.json; ``latent_stats.json`` records how.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from kl_ae.checkpoint import EMA_WEIGHTS, load_autoencoder_state, read_loop_state, resolve_checkpoint, run_dir_of
+from kl_ae.config import Config, load_config
+from kl_ae.model import build_autoencoder
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.yaml"
+
+
+@torch.no_grad()
+def compute_latent_factors(
+    vae: AutoencoderKL,
+    images: str,
+    *,
+    resolution: int,
+    num_images: int = 64,
+    batch_size: int = 8,
+    use_shift: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Measure scaling_factor (and shift_factor) of the latents of ``num_images`` images.
+
+    Latents are samples z ~ q(z|x) of the center-cropped images, as a diffusion model is trained
+    on them. scaling_factor = 1 / std(z) over all elements (LDM: ``1/z.flatten().std()`` of the
+    first batch; here over ``num_images``); with ``use_shift`` also shift_factor = mean(z) (the
+    SD3/FLUX convention: diffusion runs on (z - shift_factor) * scaling_factor).
+
+    Returns a dict with scaling_factor, shift_factor (None unless use_shift), mean, std,
+    num_images and images. Raises ValueError when no image could be read.
+    """
+    from kl_ae.data import eval_transform, iter_images
+
+    device = next(vae.parameters()).device
+    was_training = vae.training
+    vae.eval()
+    total, total_sq, count, n_images = 0.0, 0.0, 0, 0
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        nonlocal total, total_sq, count
+        x = torch.stack(batch).to(device)
+        z = vae.encode(x).latent_dist.sample().double()
+        total += z.sum().item()
+        total_sq += (z * z).sum().item()
+        count += z.numel()
+        batch.clear()
+
+    bar = tqdm(total=num_images, desc="latent statistics", disable=not progress, leave=False)
+    for _, img in iter_images(images):
+        batch.append(eval_transform(img, resolution))
+        n_images += 1
+        bar.update(1)
+        if len(batch) == batch_size:
+            flush()
+        if n_images >= num_images:
+            break
+    if batch:
+        flush()
+    bar.close()
+    vae.train(was_training)
+    if count == 0:
+        raise ValueError(f"no usable image in {images!r} to compute the latent scaling factor")
+    mean = total / count
+    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    return {
+        "scaling_factor": 1.0 / std,
+        "shift_factor": mean if use_shift else None,
+        "mean": mean,
+        "std": std,
+        "num_images": n_images,
+        "images": images,
+        "resolution": resolution,
+        "latent": "posterior sample",
+    }
+
+
+def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
+    """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors)."""
+    out_dir = Path(out_dir)
+    vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"])
+    vae.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "latent_stats.json").write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
+    logger.info(
+        "exported to %s (scaling_factor=%.5f, shift_factor=%s)",
+        out_dir, factors["scaling_factor"], factors["shift_factor"],
+    )
+    return out_dir
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    file = Path(run_dir) / RUN_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a kl-ae run directory (no {RUN_CONFIG})")
+    return load_config(file)
+
+
+def autoencoder_from_checkpoint(checkpoint: str | Path, use_ema: bool = True) -> tuple[AutoencoderKL, Config, dict]:
+    """Build the autoencoder of a run checkpoint (EMA weights when present) with its run config."""
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = load_run_config(run_dir_of(ckpt))
+    vae = build_autoencoder(cfg.model)
+    vae.load_state_dict(load_autoencoder_state(ckpt, use_ema=use_ema))
+    loop_state = read_loop_state(ckpt)
+    loop_state["ema"] = use_ema and (ckpt / EMA_WEIGHTS).is_file()
+    return vae, cfg, loop_state
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """Load an ``AutoencoderKL`` from a diffusers directory, a run directory or a checkpoint.
+
+    Raises FileNotFoundError naming what was expected when ``path`` is none of these.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        vae, _, _ = autoencoder_from_checkpoint(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path} is neither a diffusers AutoencoderKL directory (config.json + safetensors) "
+            f"nor a kl-ae run or checkpoint directory: {err}"
+        ) from err
+    return vae
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
+                      images: str | None = None, device: str | None = None) -> Path:
+    """``kl-ae export``: write a run checkpoint as a diffusers export with measured factors.
+
+    images: where to measure the factors (default: the run's ``data.train``).
+    Raises FileExistsError for a non-empty ``out_dir`` unless ``force``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"{out_dir} is not empty; choose another directory or pass --force")
+    vae, cfg, loop_state = autoencoder_from_checkpoint(checkpoint)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae.to(device)
+    factors = compute_latent_factors(
+        vae, images or cfg.data.train, resolution=cfg.data.resolution,
+        num_images=cfg.train.scaling_images, use_shift=cfg.model.use_shift_factor,
+    )
+    return save_export(vae.cpu(), out_dir, factors, {"step": loop_state.get("step"), "ema": loop_state["ema"]})

@@ -1,0 +1,193 @@
+"""The LDM first-stage loss as pure functions (no state, no logging).
+
+Sources: CompVis/latent-diffusion ``ldm/modules/losses/contperceptual.py``
+(``LPIPSWithDiscriminator``) and taming-transformers ``taming/modules/losses/vqperceptual.py``
+(``hinge_d_loss``, ``vanilla_d_loss``, ``adopt_weight``, ``calculate_adaptive_weight``).
+The autoencoder objective assembled from these functions is
+
+    nll_loss(reconstruction_loss(x, x_hat, lpips), logvar)
+      + kl_weight * kl_loss(posterior)
+      + adaptive_generator_weight(...) * disc_factor_at(step, ...) * generator_loss(D(x_hat))
+
+and the discriminator objective ``disc_factor_at(step, ...) * discriminator_loss(D(x), D(x_hat.detach()))``.
+
+Every function returns float32, also when its inputs come from bf16/fp16 autocast regions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# LDM/taming constants of the adaptive weight (calculate_adaptive_weight).
+_ADAPTIVE_EPS = 1e-4  # keeps the ratio finite when the generator gradient vanishes
+_ADAPTIVE_MAX = 1e4  # upper clamp of the ratio
+
+
+def reconstruction_loss(
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    perceptual: nn.Module | None = None,
+    perceptual_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-pixel reconstruction loss ``|x - x_hat| + perceptual_weight * LPIPS(x, x_hat)``.
+
+    Source: LDM contperceptual.py, ``rec_loss`` in ``LPIPSWithDiscriminator.forward``: the
+    per-image LPIPS value of shape (B, 1, 1, 1) is broadcast onto every pixel and channel of the
+    L1 map, so after :func:`nll_loss` sums over C*H*W it weighs C*H*W times its own value.
+
+    Args:
+        x: (B, 3, H, W) float in [-1, 1], the input images.
+        x_hat: (B, 3, H, W) float in [-1, 1], the reconstructions (may be bf16/fp16).
+        perceptual: module ``(x, y) -> (B, 1, 1, 1)`` taking [-1, 1] images (see
+            :func:`kl_ae.perceptual.build_lpips`), or None for L1 only.
+        perceptual_weight: multiplier of the perceptual term; 0 skips the perceptual forward.
+
+    Returns:
+        (B, 3, H, W) float32, no reduction.
+
+    Autocast is switched off inside: L1 and LPIPS run in float32, because LPIPS is a
+    difference of unit-normalised features that bf16's 8-bit mantissa quantises coarsely once
+    reconstructions are close to their inputs.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x32, x_hat32 = x.float(), x_hat.float()
+        rec = (x32 - x_hat32).abs()
+        if perceptual is not None and perceptual_weight != 0:
+            p = perceptual(x32, x_hat32).float()
+            if p.dim() != 4 or p.shape[1:] != (1, 1, 1) or p.shape[0] != x.shape[0]:
+                raise ValueError(f"perceptual module must return (B, 1, 1, 1), got {tuple(p.shape)}")
+            rec = rec + perceptual_weight * p
+    return rec
+
+
+def nll_loss(rec: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Gaussian/Laplace-style NLL with a single learned scale: ``sum(rec / exp(logvar) + logvar) / B``.
+
+    Source: LDM contperceptual.py (``nll_loss = rec_loss / exp(logvar) + logvar``, then
+    ``sum(nll_loss) / nll_loss.shape[0]``).
+
+    Reduction: SUM over C*H*W, MEAN over the batch. This fixes the meaning of ``kl_weight``:
+    :func:`kl_loss` is likewise summed over the latent C*h*w, so LDM's kl_weight=1e-6 is the ratio
+    of two per-image sums. Averaging this term over pixels instead (and keeping the KL summed)
+    would make the same kl_weight C*H*W times stronger.
+
+    Args:
+        rec: (B, C, H, W) per-pixel loss from :func:`reconstruction_loss`.
+        logvar: scalar tensor (0-dim), the log-variance; LDM keeps it at 0 (not optimised).
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    rec = rec.float()
+    logvar = logvar.float()
+    return torch.sum(rec / torch.exp(logvar) + logvar) / rec.shape[0]
+
+
+def kl_loss(posterior) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) = ``0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``, mean over the batch.
+
+    Source: LDM ``DiagonalGaussianDistribution.kl`` (ldm/modules/distributions) and
+    contperceptual.py (``sum(kl) / kl.shape[0]``).
+
+    Reduction: SUM over the latent C*h*w, MEAN over the batch (see :func:`nll_loss` on kl_weight).
+
+    Args:
+        posterior: diffusers ``DiagonalGaussianDistribution`` with ``mean`` and ``logvar`` of shape
+            (B, C, h, w); its logvar is already clamped to [-30, 20]. A deterministic posterior
+            has zero KL by convention (as in diffusers/LDM).
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    mean = posterior.mean.float()
+    if getattr(posterior, "deterministic", False):
+        return mean.new_zeros(())
+    logvar = posterior.logvar.float()
+    kl = 0.5 * (mean.pow(2) + torch.exp(logvar) - 1.0 - logvar)
+    return kl.sum() / mean.shape[0]
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge discriminator loss ``0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))``.
+
+    Source: taming vqperceptual.py ``hinge_d_loss`` (used by LDM). Reduction: mean over all
+    patch logits (B, 1, h, w) of each set. Returns a 0-dim float32 tensor; 1.0 when both sets
+    of logits are 0 (the "stuck at 1.0" value of an untrained discriminator).
+    """
+    loss_real = F.relu(1.0 - logits_real.float()).mean()
+    loss_fake = F.relu(1.0 + logits_fake.float()).mean()
+    return 0.5 * (loss_real + loss_fake)
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating (BCE) discriminator loss ``0.5 * (mean(softplus(-real)) + mean(softplus(fake)))``.
+
+    Source: taming vqperceptual.py ``vanilla_d_loss``. Reduction: mean over all patch logits
+    (B, 1, h, w) of each set. Returns a 0-dim float32 tensor (log 2 when all logits are 0).
+    """
+    loss_real = F.softplus(-logits_real.float()).mean()
+    loss_fake = F.softplus(logits_fake.float()).mean()
+    return 0.5 * (loss_real + loss_fake)
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """Dispatch to :func:`hinge_d_loss` (``kind='hinge'``, LDM default) or :func:`vanilla_d_loss`
+    (``'vanilla'``). Raises ValueError for any other ``kind``."""
+    if kind == "hinge":
+        return hinge_d_loss(logits_real, logits_fake)
+    if kind == "vanilla":
+        return vanilla_d_loss(logits_real, logits_fake)
+    raise ValueError(f"discriminator loss kind must be 'hinge' or 'vanilla', got {kind!r}")
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator (autoencoder) adversarial loss ``-mean(logits_fake)``.
+
+    Source: LDM contperceptual.py ``g_loss = -torch.mean(logits_fake)``; LDM uses this form
+    with both discriminator losses. Reduction: mean over all patch logits (B, 1, h, w).
+    Returns a 0-dim float32 tensor.
+    """
+    return -logits_fake.float().mean()
+
+
+def adaptive_generator_weight(
+    nll: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    disc_weight: float = 0.5,
+) -> torch.Tensor:
+    """Balance of the adversarial term: ``clamp(|grad nll| / (|grad g| + 1e-4), 0, 1e4) * disc_weight``.
+
+    Source: taming vqperceptual.py / LDM contperceptual.py ``calculate_adaptive_weight`` (VQGAN,
+    Esser et al. 2021, eq. 7). Gradients are taken w.r.t. ``last_layer`` (decoder.conv_out.weight)
+    with ``torch.autograd.grad(..., retain_graph=True)``: the graph survives for the later
+    backward and nothing is accumulated into any ``.grad``.
+
+    Args:
+        nll: 0-dim loss from :func:`nll_loss` (LDM passes the NLL without the KL term).
+        g_loss: 0-dim loss from :func:`generator_loss`.
+        last_layer: the parameter both gradients are measured on; both losses must depend on it.
+        disc_weight: multiplier (LDM: 0.5).
+
+    Returns:
+        0-dim detached float32 tensor in [0, 1e4 * disc_weight].
+
+    Raises:
+        RuntimeError: from autograd when a loss does not require grad (e.g. under no_grad);
+            the caller decides what to do then (LDM falls back to 0 in eval).
+    """
+    (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    ratio = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + _ADAPTIVE_EPS)
+    return (torch.clamp(ratio, 0.0, _ADAPTIVE_MAX) * disc_weight).detach()
+
+
+def disc_factor_at(step: int, disc_start: int, factor: float = 1.0) -> float:
+    """``factor`` from optimizer step ``disc_start`` on, 0.0 before it.
+
+    Source: taming vqperceptual.py ``adopt_weight`` (``weight = value`` while
+    ``global_step < threshold``, value 0). Multiplies both adversarial losses.
+    """
+    return float(factor) if step >= disc_start else 0.0

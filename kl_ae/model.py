@@ -1,0 +1,93 @@
+"""The autoencoder (diffusers ``AutoencoderKL``) and the modules the training loop calls.
+
+The loop touches the autoencoder only through :class:`AutoencoderWrapper` and the
+discriminator only through :class:`DiscriminatorWrapper`, so both go through their DDP wrappers
+under Accelerate and every gradient is synchronised across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+from kl_ae.config import LossConfig, ModelConfig
+from kl_ae.discriminator import PatchDiscriminator
+
+
+def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+    """A randomly initialised diffusers ``AutoencoderKL`` in the LDM/SD layout (no download).
+
+    Build it under ``torch.device("meta")`` to count parameters of real-size models for free.
+    """
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        act_fn="silu",
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        use_quant_conv=cfg.use_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv,
+        mid_block_add_attention=cfg.mid_block_add_attention,
+    )
+
+
+class AutoencoderWrapper(nn.Module):
+    """Training view of an ``AutoencoderKL``: ``forward(x) -> (reconstruction, posterior)``.
+
+    diffusers' own ``AutoencoderKL.forward`` decodes the posterior mode unless asked otherwise;
+    training needs a sample z = mu + sigma * eps (LDM ``AutoencoderKL.forward(sample_posterior=True)``).
+    Also holds the scalar NLL log-variance of the LDM loss, so it is synchronised with the model.
+    """
+
+    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False):
+        super().__init__()
+        self.vae = vae
+        # LDM keeps this parameter out of the optimizer, so it stays at its initial value;
+        # learn_logvar=True trains it (SGM's learn_logvar).
+        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """x: (B, 3, H, W) float in [-1, 1] -> reconstruction (B, 3, H, W), posterior over
+        latents (B, latent_channels, H/f, W/f)."""
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample()
+        reconstruction = self.vae.decode(z).sample
+        return reconstruction, posterior
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """decoder.conv_out.weight: the layer the adaptive GAN weight is measured on (LDM)."""
+        return self.vae.decoder.conv_out.weight
+
+
+class DiscriminatorWrapper(nn.Module):
+    """``forward(real, fake) -> (logits_real, logits_fake)`` in one call.
+
+    Two separate calls of a DDP module before one backward would mark parameters ready twice;
+    one call that runs the PatchGAN twice keeps LDM's separate BatchNorm statistics for the
+    real and the fake batch and stays legal under DDP.
+    """
+
+    def __init__(self, discriminator: PatchDiscriminator):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.discriminator(real), self.discriminator(fake)
+
+
+def build_discriminator(cfg: LossConfig) -> DiscriminatorWrapper:
+    return DiscriminatorWrapper(
+        PatchDiscriminator(in_channels=3, channels=cfg.disc_channels, num_layers=cfg.disc_num_layers)
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,110 @@
+"""One optimizer step of the LDM first-stage recipe: autoencoder update, then discriminator update.
+
+Source: LDM ``LPIPSWithDiscriminator`` (ldm/modules/losses/contperceptual.py) and its training
+step (two optimizers, both updated every step). The formulas live in :mod:`kl_ae.losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from kl_ae import losses
+from kl_ae.config import LossConfig
+
+
+@dataclass
+class StepModels:
+    """What one training step needs; ``autoencoder`` and ``discriminator`` may be DDP-wrapped."""
+
+    autoencoder: nn.Module  # AutoencoderWrapper (possibly wrapped by Accelerate)
+    discriminator: nn.Module  # DiscriminatorWrapper (possibly wrapped by Accelerate)
+    opt_ae: torch.optim.Optimizer
+    opt_disc: torch.optim.Optimizer
+    sched_ae: object
+    sched_disc: object
+    perceptual: nn.Module | None
+    perceptual_name: str  # "lpips" or "lpips_random_trunk"
+
+
+def _clip(accelerator: Accelerator, module: nn.Module, max_norm: float) -> None:
+    if max_norm > 0 and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(module.parameters(), max_norm)
+
+
+def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, step: int,
+                     cfg: LossConfig, max_grad_norm: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Reconstruct, compute nll + kl_weight * KL (+ adaptive GAN term after disc_start), update.
+
+    x: (B, 3, H, W) float in [-1, 1]. Returns the detached reconstruction and a dict of
+    detached scalar tensors (no host synchronisation here; read them at log time).
+    The discriminator is called with its parameters frozen, so this step leaves no gradient on it.
+    """
+    ae = accelerator.unwrap_model(m.autoencoder)
+    with accelerator.autocast():
+        reconstruction, posterior = m.autoencoder(x)
+    reconstruction = reconstruction.float()
+    rec = losses.reconstruction_loss(x, reconstruction, None, 0.0)  # L1 part, (B, C, H, W)
+    l1 = rec.mean()
+    perceptual = None
+    if m.perceptual is not None and cfg.perceptual_weight > 0:
+        with accelerator.autocast():
+            perceptual = m.perceptual(x, reconstruction).float()  # (B, 1, 1, 1)
+        rec = rec + cfg.perceptual_weight * perceptual
+    nll = losses.nll_loss(rec, ae.logvar)
+    kl = losses.kl_loss(posterior)
+    loss = nll + cfg.kl_weight * kl
+
+    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor)
+    out = {"loss/l1": l1.detach(), "loss/nll": nll.detach(), "loss/kl": kl.detach(),
+           "loss/logvar": ae.logvar.detach()}
+    if perceptual is not None:
+        out[f"loss/{m.perceptual_name}"] = perceptual.detach().mean()
+    if disc_factor > 0:
+        disc = accelerator.unwrap_model(m.discriminator).discriminator
+        disc.requires_grad_(False)  # the generator term must not leave gradients on D
+        with accelerator.autocast():
+            logits_fake = disc(reconstruction).float()
+        disc.requires_grad_(True)
+        g_loss = losses.generator_loss(logits_fake)
+        d_weight = losses.adaptive_generator_weight(nll, g_loss, ae.last_layer, cfg.disc_weight)
+        loss = loss + d_weight * disc_factor * g_loss
+        out.update({"loss/g": g_loss.detach(), "disc/adaptive_weight": d_weight})
+    accelerator.backward(loss)
+    _clip(accelerator, m.autoencoder, max_grad_norm)
+    m.opt_ae.step()
+    if accelerator.sync_gradients:
+        m.sched_ae.step()
+    m.opt_ae.zero_grad(set_to_none=True)
+    out["loss/total"] = loss.detach()
+    with torch.no_grad():
+        out["latent/mean"] = posterior.mean.mean().float()
+        out["latent/std"] = posterior.std.mean().float()
+    return reconstruction.detach(), out
+
+
+def discriminator_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor,
+                       reconstruction: torch.Tensor, step: int, cfg: LossConfig,
+                       max_grad_norm: float = 0.0) -> dict:
+    """Update D on real ``x`` and the detached ``reconstruction`` (no gradient reaches the AE).
+
+    Skipped (empty dict) before disc_start, as LDM's disc_factor = 0 makes that update a no-op.
+    """
+    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor)
+    if disc_factor <= 0:
+        return {}
+    with accelerator.autocast():
+        logits_real, logits_fake = m.discriminator(x, reconstruction.detach())
+    logits_real, logits_fake = logits_real.float(), logits_fake.float()
+    d_loss = disc_factor * losses.discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
+    accelerator.backward(d_loss)
+    _clip(accelerator, m.discriminator, max_grad_norm)
+    m.opt_disc.step()
+    if accelerator.sync_gradients:
+        m.sched_disc.step()
+    m.opt_disc.zero_grad(set_to_none=True)
+    return {"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
+            "disc/logits_fake": logits_fake.detach().mean()}

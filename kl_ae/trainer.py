@@ -1,0 +1,284 @@
+"""The training loop around :mod:`kl_ae.step`: data, Accelerate, EMA, logging, checkpoints, export.
+
+Runs as a plain process (CPU or one GPU) and under ``accelerate launch`` (DDP). The run directory
+describes itself: config.yaml (written before step 0), train.log, logs/ (TensorBoard),
+samples/step-NNNNNNN.png (input | reconstruction), checkpoints/step-NNNNNNN/ + checkpoints/latest,
+export/ (diffusers layout) and eval.json when ``data.val`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from kl_ae import checkpoint as ckpt_io
+from kl_ae.config import Config, save_config
+from kl_ae.data import build_train_dataloader, is_shard_source
+from kl_ae.export import compute_latent_factors, save_export
+from kl_ae.model import AutoencoderWrapper, build_autoencoder, build_discriminator, count_parameters
+from kl_ae.perceptual import build_lpips
+from kl_ae.step import StepModels, autoencoder_step, discriminator_step
+
+logger = logging.getLogger("kl_ae")
+
+ADAM_BETAS = (0.5, 0.9)  # LDM/taming GAN setting, for both optimizers
+
+
+def scaled_learning_rate(cfg: Config, num_processes: int) -> float:
+    """LDM's rule (main.py ``--scale_lr``, on by default): lr = accumulation * processes * batch * base_lr.
+
+    With LDM's kl-f8 settings (batch 12, accumulation 2, 1 GPU): 2 * 1 * 12 * 4.5e-6 = 1.08e-4.
+    """
+    o, t = cfg.optim, cfg.train
+    if not o.scale_lr:
+        return o.base_learning_rate
+    return t.gradient_accumulation_steps * num_processes * t.batch_size * o.base_learning_rate
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    logger.setLevel(logging.INFO)
+    if is_main and not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def _tracker_config(cfg: Config) -> dict:
+    from kl_ae.config import config_to_dict
+
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _batches(loader, counters: dict):
+    """Yield (epoch, pixel_values) forever, one pass over the data per epoch."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        seen = 0
+        for batch in loader:
+            counters["upscaled"] += int(batch["num_upscaled"])
+            counters["skipped"] += int(batch["num_skipped"])
+            if batch["pixel_values"].shape[0] == 0:
+                continue
+            seen += 1
+            yield epoch, batch["pixel_values"]
+        if seen == 0:
+            raise RuntimeError("the training data yielded no usable image in a whole epoch")
+        epoch += 1
+
+
+def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
+    """Save and log an input | reconstruction grid of up to 4 images (main process)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n = min(4, x.shape[0])
+    pairs = torch.stack([x[:n].float().cpu(), rec[:n].float().cpu()], dim=1).flatten(0, 1)
+    grid = make_grid((pairs.clamp(-1, 1) + 1) / 2, nrow=2, padding=2)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).save(run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":  # other trackers take PIL/numpy lists: issue #6
+            tracker.writer.add_image("samples/input_reconstruction", grid, global_step=step)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, epoch: int,
+                    ema: EMAModel | None, vae) -> None:
+    """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``)."""
+    ckpts = run_dir / "checkpoints"
+    name = ckpt_io.checkpoint_name(step)
+    tmp = ckpts / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if ema is not None:
+            ckpt_io.save_ema(ema, list(vae.named_parameters()), tmp / ckpt_io.EMA_WEIGHTS)
+        ckpt_io.finalize_checkpoint(tmp, ckpts / name, {"step": step, "epoch": epoch})
+        logger.info("saved checkpoint %s", ckpts / name)
+    accelerator.wait_for_everyone()
+
+
+def _build(cfg: Config, accelerator: Accelerator):
+    """Models, losses' LPIPS, optimizers and schedulers, before Accelerate's prepare."""
+    perceptual, perceptual_name = None, "lpips"
+    if cfg.loss.perceptual_weight > 0:
+        perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
+        perceptual.to(accelerator.device)
+    vae = build_autoencoder(cfg.model)
+    ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar)
+    disc = build_discriminator(cfg.loss)
+    lr = scaled_learning_rate(cfg, accelerator.num_processes)
+    opt_ae = torch.optim.Adam([p for p in ae.parameters() if p.requires_grad], lr=lr, betas=ADAM_BETAS)
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=ADAM_BETAS)
+    warmup = cfg.optim.lr_warmup_steps
+    sched_ae = get_scheduler("constant_with_warmup", opt_ae, num_warmup_steps=warmup)
+    sched_disc = get_scheduler("constant_with_warmup", opt_disc, num_warmup_steps=warmup)
+    logger.info(
+        "autoencoder %.2f M parameters, discriminator %.2f M, lr %.3g (scale_lr=%s), perceptual: %s",
+        count_parameters(vae) / 1e6, count_parameters(disc) / 1e6, lr, cfg.optim.scale_lr,
+        perceptual_name if perceptual is not None else "off",
+    )
+    return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Train, checkpoint, export (and evaluate if ``data.val``). Returns the run directory.
+
+    resume: 'latest' (the run directory's latest checkpoint), a checkpoint directory, or None.
+    Raises LPIPSWeightsError at start-up when LPIPS is asked for and its VGG16 trunk is missing,
+    DataError when the training data is unusable.
+    """
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.tracker == "none" else t.tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    _setup_logging(run_dir, accelerator.is_main_process)
+    set_seed(t.seed)  # identical initial weights on every rank
+    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name = _build(cfg, accelerator)
+    vae = ae.vae
+    ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
+
+    loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)
+    if not is_shard_source(cfg.data.train):  # webdataset splits shards by node itself
+        loader = accelerator.prepare(loader)
+    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = accelerator.prepare(
+        ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
+    )
+    if ema is not None:
+        ema.to(accelerator.device)
+    models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
+
+    step, start_epoch = 0, 0
+    if resume:
+        ckpt = ckpt_io.resolve_checkpoint(resume, run_dir)
+        accelerator.load_state(str(ckpt))
+        if ema is not None and (ckpt / ckpt_io.EMA_WEIGHTS).is_file():
+            ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
+        state = ckpt_io.read_loop_state(ckpt)
+        step, start_epoch = state["step"], state["epoch"]
+        logger.info("resumed from %s at step %d", ckpt, step)
+    set_seed(t.seed + step, device_specific=True)  # different noise per rank (and per resume point)
+
+    if accelerator.is_main_process and t.tracker != "none":
+        accelerator.init_trackers("kl-ae", config=_tracker_config(cfg))
+    _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch)
+    accelerator.end_training()
+    return run_dir
+
+
+def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch) -> None:
+    t = cfg.train
+    counters = {"upscaled": 0, "skipped": 0}
+    scalars: dict = {}
+    images_since_log, t_log = 0, time.perf_counter()
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    last_saved = step
+    for epoch, x in _batches(loader, counters):
+        if step >= t.max_steps:
+            break
+        epoch += start_epoch
+        x = x.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(models.autoencoder, models.discriminator):
+            rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
+            scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
+        images_since_log += x.shape[0] * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(vae.parameters())
+        scalars = {**scalars_ae, **scalars_d}
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.max_steps:
+            elapsed = time.perf_counter() - t_log
+            metrics = _log_metrics(accelerator, scalars, step, epoch, counters, images_since_log / elapsed, models)
+            bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", img_s=f"{metrics['perf/images_per_s']:.2f}")
+            images_since_log, t_log = 0, time.perf_counter()
+        if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
+            _save_grid(accelerator, run_dir, x, rec, step)
+        if step % t.checkpoint_every == 0:
+            save_checkpoint(accelerator, run_dir, step, epoch, ema, vae)
+            last_saved = step
+    bar.close()
+    if last_saved != step:
+        save_checkpoint(accelerator, run_dir, step, epoch, ema, vae)
+    if accelerator.is_main_process:
+        _finish(cfg, run_dir, vae, ema, step)
+    accelerator.wait_for_everyone()
+
+
+def _log_metrics(accelerator, scalars: dict, step: int, epoch: int, counters: dict, images_per_s: float,
+                 models: StepModels) -> dict:
+    """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
+    keys = sorted(scalars)
+    values = accelerator.reduce(torch.stack([scalars[k].float() for k in keys]), reduction="mean")
+    metrics = {k: v for k, v in zip(keys, values.tolist())}
+    metrics.update({
+        "perf/images_per_s": images_per_s,
+        "optim/lr": models.opt_ae.param_groups[0]["lr"],
+        "data/epoch": epoch,
+        "data/upscaled": counters["upscaled"],
+        "data/skipped": counters["skipped"],
+    })
+    if any(not math.isfinite(v) for v in metrics.values()):
+        logger.warning("non-finite value at step %d: %s", step, metrics)
+    accelerator.log(metrics, step=step)
+    logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> None:
+    """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val."""
+    if ema is not None:
+        ema.store(vae.parameters())
+        ema.copy_to(vae.parameters())
+    try:
+        factors = compute_latent_factors(
+            vae, cfg.data.train, resolution=cfg.data.resolution, num_images=cfg.train.scaling_images,
+            use_shift=cfg.model.use_shift_factor,
+        )
+        export_dir = run_dir / "export"
+        shutil.rmtree(export_dir, ignore_errors=True)
+        save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
+        if cfg.data.val:
+            from kl_ae.evaluate import evaluate, format_report
+
+            report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution,
+                              lpips_trunk=cfg.loss.lpips_trunk, baselines=True)
+            (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            table = format_report(report)
+            logger.info("evaluation on %s:\n%s", cfg.data.val, table)
+            print(table)
+    finally:
+        if ema is not None:
+            ema.restore(vae.parameters())

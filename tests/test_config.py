@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from kl_ae.config import Config, ConfigError, load_config, save_config
+from kl_ae.model import build_autoencoder, count_parameters
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+# Parameter counts of the diffusers AutoencoderKL layouts (SD 1.x VAE: 83,653,863).
+EXPECTED_PARAMS = {"sd-f8c4.yaml": 83_653_863, "f8c16.yaml": 83_819_683}
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "sd-f8c4.yaml", "f8c16.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(path)
+    with torch.device("meta"):
+        vae = build_autoencoder(cfg.model)
+    n = count_parameters(vae)
+    if path.name in EXPECTED_PARAMS:
+        assert n == EXPECTED_PARAMS[path.name]
+    assert vae.config.latent_channels == cfg.model.latent_channels
+
+
+def test_sd_config_matches_ldm_hyperparameters():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "sd-f8c4.yaml")
+    assert cfg.loss.kl_weight == 1e-6 and cfg.loss.disc_start == 50001 and cfg.loss.disc_weight == 0.5
+    assert cfg.data.resolution == 256 and cfg.train.batch_size == 12
+    assert cfg.train.gradient_accumulation_steps == 2 and cfg.optim.base_learning_rate == 4.5e-6
+    assert cfg.model.downsampling_factor == 8
+
+
+def test_override_and_types(tmp_path):
+    cfg = load_config(None, ["train.max_steps=20", "loss.kl_weight=1e-6", "model.block_out_channels=[32,64]",
+                             "train.output_dir=" + str(tmp_path / "run")])
+    assert cfg.train.max_steps == 20 and cfg.loss.kl_weight == 1e-6
+    assert cfg.model.block_out_channels == [32, 64]
+    assert cfg.train.output_dir == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_step=3", "train.max_step"),
+    ("trian.max_steps=3", "trian"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.max_steps=1.5", "train.max_steps"),
+    ("loss.learn_logvar=3", "loss.learn_logvar"),
+    ("model.block_out_channels=[32,x]", "model.block_out_channels[1]"),
+])
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_yaml_unknown_key_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 5\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match="train.batchsize"):
+        load_config(f)
+
+
+def test_unusable_values_fail_before_building():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(None, ["data.resolution=100"])  # SD layout: factor 8
+    with pytest.raises(ConfigError, match="disc_loss"):
+        load_config(None, ["loss.disc_loss=wasserstein"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.max_steps=7", "model.latent_channels=16"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert Config() == load_config(None)
