@@ -64,7 +64,7 @@ BASELINE_DESCRIPTIONS = {
 
 
 def to_8bit(x: torch.Tensor) -> torch.Tensor:
-    """x: float in [-1, 1] (values outside are clamped) -> same shape in [0, 1], rounded to k/255."""
+    """x: float in [-1, 1] (values outside are clamped) -> same shape in [0, 1] on k/255."""
     return torch.round((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5) / 255.0
 
 
@@ -136,6 +136,13 @@ def downsampling_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def model_summary(vae: AutoencoderKL) -> dict:
+    """latent_channels c, downsampling_factor f, compression_ratio 3·f²/c, parameters."""
+    f, c = downsampling_factor(vae), vae.config.latent_channels
+    return {"latent_channels": c, "downsampling_factor": f, "compression_ratio": 3 * f * f / c,
+            "parameters": sum(p.numel() for p in vae.parameters())}
+
+
 class AutoencoderReconstructor:
     """x -> decode(posterior mode) for an ``AutoencoderKL``, timing encode and decode apart.
 
@@ -163,10 +170,12 @@ class AutoencoderReconstructor:
         return x_hat
 
     def throughput(self) -> dict:
-        """Images per second for encode and decode; the first (warm-up) batch is excluded when
-        there was more than one batch."""
-        warmup = len(self.timings) > 1
-        timed = self.timings[1:] if warmup else self.timings
+        """Images per second for encode and decode over the batches after the first (warm-up)
+        one, leaving out a smaller last batch (a new shape is a second warm-up on CPU backends).
+        With a single batch it is all there is, and ``warmup_batch_excluded`` is False."""
+        later = self.timings[1:]
+        full = [t for t in later if t[0] == self.timings[0][0]]
+        timed = full or later or self.timings
         n = sum(t[0] for t in timed)
         enc = sum(t[1] for t in timed)
         dec = sum(t[2] for t in timed)
@@ -175,7 +184,8 @@ class AutoencoderReconstructor:
             "decode_images_per_s": n / dec if dec > 0 else None,
             "timed_batches": len(timed),
             "timed_images": n,
-            "warmup_batch_excluded": warmup,
+            "warmup_batch_excluded": bool(later),
+            "partial_batch_excluded": len(timed) < len(later),
         }
 
 
@@ -266,14 +276,16 @@ def _protocol(resolution: int, lpips_name: str | None, lpips_reason: str | None)
     }
 
 
-def _load_lpips(trunk: str | None, device: torch.device) -> tuple[tuple[nn.Module, str] | None, str | None]:
+def _load_lpips(
+    trunk: str | None, device: torch.device
+) -> tuple[tuple[nn.Module, str] | None, str | None]:
     """(module, name) or None with the reason LPIPS is skipped."""
     if trunk is None or trunk == "none":
         return None, "disabled (lpips_trunk=None)"
     try:
         module, name = build_lpips(trunk=trunk, net=LPIPS_NET)
     except LPIPSWeightsError as err:
-        return None, f"VGG16 trunk weights not found: {err}"
+        return None, f"LPIPS trunk weights unavailable: {err}"
     return (module.to(device=device, dtype=EVAL_DTYPE).eval(), name), None
 
 
@@ -306,7 +318,9 @@ def evaluate(
             f"and at least {SSIM_KERNEL_SIZE} (the SSIM window)"
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = vae.to(device=device, dtype=EVAL_DTYPE).eval()
+    if any(p.dtype != EVAL_DTYPE for p in vae.parameters()):
+        vae = vae.to(dtype=EVAL_DTYPE)  # only then: diffusers warns about any dtype cast
+    vae = vae.to(device).eval()
     lpips, lpips_reason = _load_lpips(lpips_trunk, device)
 
     model = AutoencoderReconstructor(vae, device)
@@ -323,18 +337,12 @@ def evaluate(
             f"no usable image in {images!r} (skipped: {counter.as_dict() or 'none found'})"
         )
 
-    c = vae.config.latent_channels
     report = {
         "protocol": _protocol(resolution, lpips[1] if lpips else None, lpips_reason),
         "images": images,
         "num_images": len(names),
         "skipped": counter.as_dict(),
-        "model": {
-            "latent_channels": c,
-            "downsampling_factor": f,
-            "compression_ratio": 3 * f * f / c,
-            "parameters": sum(p.numel() for p in vae.parameters()),
-        },
+        "model": model_summary(vae),
         "metrics": summarise(scores["model"]),
     }
     if lpips_reason:
@@ -397,7 +405,8 @@ def format_report(report: dict) -> str:
         f"{m['compression_ratio']:g}x, {m['parameters'] / 1e6:.2f} M parameters",
         f"throughput ({t['device']}, {t['dtype']}, batch {t['batch_size']}): encode "
         f"{enc or 0:.2f} img/s, decode {dec or 0:.2f} img/s over {t['timed_images']} images"
-        + (" (warm-up batch excluded)" if t["warmup_batch_excluded"] else " (includes warm-up)"),
+        + (" (first batch excluded as warm-up" if t["warmup_batch_excluded"] else " (with warm-up")
+        + (", partial last batch excluded)" if t.get("partial_batch_excluded") else ")"),
         f"protocol: {report['protocol']['text']}",
     ]
     skipped = report.get("skipped") or {}

@@ -51,7 +51,8 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     l1 = rec.mean()
     perceptual = None
     if m.perceptual is not None and cfg.perceptual_weight > 0:
-        with accelerator.autocast():
+        # fp32, outside autocast: bf16 quantises LPIPS's feature differences (see losses.py)
+        with torch.autocast(device_type=x.device.type, enabled=False):
             perceptual = m.perceptual(x, reconstruction).float()  # (B, 1, 1, 1)
         rec = rec + cfg.perceptual_weight * perceptual
     nll = losses.nll_loss(rec, ae.logvar)

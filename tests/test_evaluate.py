@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
-import sys
-import types
 from pathlib import Path
 
 import kl_ae  # noqa: F401  (torchvision import fix before diffusers / torchmetrics)
@@ -17,91 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-# --- temporary shims: used only while kl_ae.data / kl_ae.perceptual are not yet in the tree ---
-
-
-def _install_shims() -> list[str]:
-    """Stand-ins with the agreed interfaces, registered only for modules that do not exist."""
-    shimmed = []
-    try:
-        importlib.import_module("kl_ae.data")
-    except ModuleNotFoundError as err:
-        if err.name != "kl_ae.data":
-            raise
-        import torchvision.transforms.functional as TF
-
-        data = types.ModuleType("kl_ae.data")
-
-        class SkipCounter:
-            def __init__(self):
-                self.counts: dict[str, int] = {}
-
-            def add(self, reason):
-                self.counts[reason] = self.counts.get(reason, 0) + 1
-
-            @property
-            def total(self):
-                return sum(self.counts.values())
-
-            def as_dict(self):
-                return dict(self.counts)
-
-            def summary(self):
-                return ", ".join(f"{k}: {v}" for k, v in self.counts.items())
-
-        def iter_images(spec, counter=None):
-            for p in sorted(Path(spec).iterdir()):
-                try:
-                    with Image.open(p) as im:
-                        img = im.convert("RGB")
-                except OSError:
-                    if counter is not None:
-                        counter.add("unreadable")
-                    continue
-                yield p.name, img
-
-        def eval_transform(img, resolution):
-            img = TF.resize(img, resolution, TF.InterpolationMode.BICUBIC, antialias=True)
-            img = TF.center_crop(img, resolution)
-            return TF.to_tensor(img) * 2 - 1
-
-        data.SkipCounter, data.iter_images, data.eval_transform = SkipCounter, iter_images, eval_transform
-        sys.modules["kl_ae.data"] = data
-        shimmed.append("kl_ae.data")
-    try:
-        importlib.import_module("kl_ae.perceptual")
-    except ModuleNotFoundError as err:
-        if err.name != "kl_ae.perceptual":
-            raise
-        import lpips
-
-        perceptual = types.ModuleType("kl_ae.perceptual")
-
-        class LPIPSWeightsError(FileNotFoundError):
-            pass
-
-        def build_lpips(trunk="auto", net="vgg"):
-            if trunk != "random":
-                home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-                f = home / "hub" / "checkpoints" / "vgg16-397923af.pth"
-                if not f.is_file():
-                    raise LPIPSWeightsError(f"{f} not found")
-            m = lpips.LPIPS(net=net, pnet_rand=(trunk == "random"), verbose=False).eval()
-            m.requires_grad_(False)
-            return m, ("lpips_random_trunk" if trunk == "random" else "lpips")
-
-        perceptual.LPIPSWeightsError, perceptual.build_lpips = LPIPSWeightsError, build_lpips
-        sys.modules["kl_ae.perceptual"] = perceptual
-        shimmed.append("kl_ae.perceptual")
-    return shimmed
-
-
-SHIMMED = _install_shims()
-
-from kl_ae import evaluate as ev  # noqa: E402
+from kl_ae import evaluate as ev
 
 RES = 32
 
@@ -159,8 +71,8 @@ def test_8bit_rounding_is_applied():
     q = ev.to_8bit(x + 0.3 * 2 / 255)  # less than half a level off: rounds back
     assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
     assert torch.isinf(ev.psnr_8bit(x, x + 0.3 * 2 / 255)).all()
-    assert torch.allclose(ev.psnr_8bit(x, x + 0.7 * 2 / 255), torch.full((2,), 20 * math.log10(255)),
-                          atol=1e-3)
+    one_level = torch.full((2,), 20 * math.log10(255))
+    assert torch.allclose(ev.psnr_8bit(x, x + 0.7 * 2 / 255), one_level, atol=1e-3)
     # out-of-range reconstructions are clamped, not wrapped
     assert ev.to_8bit(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
 
@@ -214,13 +126,13 @@ def test_identity_reconstructor_gives_infinite_psnr_as_null_and_ssim_one():
 # --- evaluate / format_report / run --------------------------------------------------------
 
 
-def _check_report(report, n):
+def _check_report(report, n, vae):
     assert set(report) >= {"protocol", "images", "num_images", "skipped", "model", "metrics",
                            "per_image", "throughput"}
     assert report["num_images"] == n and len(report["per_image"]) == n
-    assert report["model"] == {"latent_channels": 4, "downsampling_factor": 2,
-                               "compression_ratio": 3.0, "parameters": report["model"]["parameters"]}
-    assert report["model"]["parameters"] > 0
+    m = report["model"]
+    assert (m["latent_channels"], m["downsampling_factor"], m["compression_ratio"]) == (4, 2, 3.0)
+    assert m["parameters"] == sum(p.numel() for p in vae.parameters())
     for key in ("psnr", "ssim"):
         assert math.isfinite(report["metrics"][key])
         assert all(math.isfinite(row[key]) for row in report["per_image"])
@@ -235,12 +147,13 @@ def _check_report(report, n):
 def test_evaluate_with_random_trunk_and_baselines(tiny_vae, image_dir):
     report = ev.evaluate(tiny_vae, str(image_dir), resolution=RES, batch_size=2,
                          lpips_trunk="random", baselines=True, progress=False)
-    _check_report(report, 4)
+    _check_report(report, 4, tiny_vae)
     assert "lpips" not in report["metrics"] and "lpips_skipped" not in report
     assert math.isfinite(report["metrics"]["lpips_random_trunk"])
     assert all("lpips_random_trunk" in row and "lpips" not in row for row in report["per_image"])
     assert [row["name"] for row in report["per_image"]] == [f"img{i}.png" for i in range(4)]
-    assert report["throughput"]["warmup_batch_excluded"] and report["throughput"]["timed_images"] == 2
+    t = report["throughput"]
+    assert t["warmup_batch_excluded"] and t["timed_images"] == 2
     assert set(report["baselines"]) == {"mean_colour", "bicubic"}
     for b in report["baselines"].values():
         assert set(b) == {"psnr", "ssim", "lpips_random_trunk"}
@@ -255,7 +168,7 @@ def test_evaluate_skips_lpips_without_trunk_weights(tiny_vae, image_dir, tmp_pat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     report = ev.evaluate(tiny_vae, str(image_dir), resolution=RES, batch_size=4, max_images=3,
                          progress=False)
-    _check_report(report, 3)
+    _check_report(report, 3, tiny_vae)
     assert "lpips" not in report["metrics"] and "lpips_random_trunk" not in report["metrics"]
     assert report["lpips_skipped"]
     assert all(set(row) == {"name", "psnr", "ssim"} for row in report["per_image"])
@@ -286,3 +199,15 @@ def test_run_loads_prints_and_writes_json(tiny_vae, image_dir, tmp_path, capsys)
     assert json.loads(out.read_text()) == report
     assert report["num_images"] == 2 and report["model"]["path"] == str(model_dir)
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_throughput_excludes_warmup_and_partial_last_batch(tiny_vae):
+    rec = ev.AutoencoderReconstructor(tiny_vae, torch.device("cpu"))
+    rec.timings = [(4, 9.0, 9.0), (4, 1.0, 2.0), (4, 1.0, 2.0), (1, 5.0, 5.0)]
+    t = rec.throughput()
+    assert t["encode_images_per_s"] == pytest.approx(4.0)
+    assert t["decode_images_per_s"] == pytest.approx(2.0)
+    assert t["timed_images"] == 8 and t["warmup_batch_excluded"] and t["partial_batch_excluded"]
+    rec.timings = [(3, 1.5, 3.0)]  # one batch: nothing to exclude
+    t = rec.throughput()
+    assert t["encode_images_per_s"] == pytest.approx(2.0) and not t["warmup_batch_excluded"]

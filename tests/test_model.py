@@ -1,0 +1,82 @@
+import pytest
+import torch
+from accelerate import Accelerator
+
+from kl_ae.config import LossConfig, ModelConfig
+from kl_ae.model import AutoencoderWrapper, build_autoencoder, build_discriminator
+from kl_ae.step import StepModels, autoencoder_step, discriminator_step
+
+TINY = ModelConfig(block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8)
+
+
+def tiny_models(disc_start=0, learn_logvar=False):
+    torch.manual_seed(0)
+    loss_cfg = LossConfig(disc_start=disc_start, disc_channels=8, disc_num_layers=2, perceptual_weight=0.0,
+                          learn_logvar=learn_logvar)
+    ae = AutoencoderWrapper(build_autoencoder(TINY), learn_logvar=learn_logvar)
+    disc = build_discriminator(loss_cfg)
+    opt_ae = torch.optim.Adam([p for p in ae.parameters() if p.requires_grad], lr=1e-3, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lambda s: 1.0)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda s: 1.0)
+    return StepModels(ae, disc, opt_ae, opt_d, sched, sched_d, None, "lpips"), loss_cfg
+
+
+def test_wrapper_samples_the_posterior():
+    m, _ = tiny_models()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec1, posterior = m.autoencoder(x)
+    rec2, _ = m.autoencoder(x)
+    assert rec1.shape == x.shape
+    assert posterior.mean.shape == (2, 4, 16, 16)
+    assert not torch.equal(rec1, rec2)  # z ~ q(z|x), not the mode
+    assert m.autoencoder.last_layer is m.autoencoder.vae.decoder.conv_out.weight
+
+
+def _params_snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_autoencoder_step_leaves_no_gradient_on_discriminator():
+    m, cfg = tiny_models(disc_start=0)
+    acc = Accelerator(cpu=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = _params_snapshot(m.autoencoder.vae)
+    rec, out = autoencoder_step(acc, m, x, step=0, cfg=cfg)
+    assert "loss/g" in out and "disc/adaptive_weight" in out  # the GAN term was active
+    assert all(p.grad is None for p in m.discriminator.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.autoencoder.vae.parameters()))
+    assert not rec.requires_grad
+
+
+def test_discriminator_step_leaves_no_gradient_on_autoencoder():
+    m, cfg = tiny_models(disc_start=0)
+    acc = Accelerator(cpu=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec, _ = m.autoencoder(x)  # NOT detached: the step itself must detach it
+    before = _params_snapshot(m.discriminator)
+    out = discriminator_step(acc, m, x, rec, step=0, cfg=cfg)
+    assert set(out) == {"disc/loss", "disc/logits_real", "disc/logits_fake"}
+    assert all(p.grad is None for p in m.autoencoder.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.discriminator.parameters()))
+
+
+def test_no_adversarial_terms_before_disc_start():
+    m, cfg = tiny_models(disc_start=10)
+    acc = Accelerator(cpu=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = _params_snapshot(m.discriminator)
+    rec, out = autoencoder_step(acc, m, x, step=9, cfg=cfg)
+    assert "loss/g" not in out
+    assert discriminator_step(acc, m, x, rec, step=9, cfg=cfg) == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, m.discriminator.parameters()))
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_logvar_is_trained_only_when_asked(learn):
+    m, cfg = tiny_models(disc_start=100, learn_logvar=learn)
+    acc = Accelerator(cpu=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    autoencoder_step(acc, m, x, step=0, cfg=cfg)
+    changed = m.autoencoder.logvar.item() != 0.0
+    assert changed == learn

@@ -1,0 +1,168 @@
+"""LPIPS trunk resolution, hash check, key mapping and the random-trunk naming (all offline)."""
+
+import hashlib
+import logging
+
+import pytest
+import torch
+
+import kl_ae  # noqa: F401  (torchvision import fix)
+import torchvision
+
+from kl_ae.perceptual import (
+    VGG16_FILENAME,
+    VGG16_SHA256,
+    LPIPSWeightsError,
+    build_lpips,
+    resolve_vgg16_trunk,
+)
+
+VGG_CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def synthetic_trunk(tmp_path_factory):
+    """torchvision's VGG16 state dict with random weights, without the 120 M classifier weights
+    (keeps the file at 59 MB instead of 553 MB; one small classifier tensor stays, to show that
+    tensors outside the trunk are ignored)."""
+    path = tmp_path_factory.mktemp("vgg") / VGG16_FILENAME
+    torch.manual_seed(0)
+    full = torchvision.models.vgg16(weights=None).state_dict()
+    state = {k: v for k, v in full.items() if k.startswith("features.") or k == "classifier.6.bias"}
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path, digest, state
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def random_lpips():
+    """One random-trunk build shared by the tests below (a build costs ~2 s); returns
+    (model, name, log records emitted while building)."""
+    handler = _Records()
+    log = logging.getLogger("kl_ae.perceptual")
+    log.addHandler(handler)
+    try:
+        model, name = build_lpips("random")
+    finally:
+        log.removeHandler(handler)
+    return model, name, handler.records
+
+
+def _images(seed, n=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def test_auto_without_cached_file_says_what_to_do(empty_torch_home):
+    expected_path = empty_torch_home / "hub" / "checkpoints" / VGG16_FILENAME
+    with pytest.raises(LPIPSWeightsError) as info:
+        resolve_vgg16_trunk("auto")
+    msg = str(info.value)
+    assert str(expected_path) in msg
+    assert VGG16_SHA256 in msg
+    assert "loss.lpips_trunk=" in msg and "loss.perceptual_weight=0" in msg
+    assert "lpips_random_trunk" in msg
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(LPIPSWeightsError):
+        build_lpips("auto")
+
+
+def test_missing_explicit_path(tmp_path):
+    missing = tmp_path / "nowhere" / VGG16_FILENAME
+    with pytest.raises(LPIPSWeightsError, match=str(missing)):
+        resolve_vgg16_trunk(str(missing))
+
+
+def test_wrong_hash_raises_with_expected_and_actual(empty_torch_home):
+    cache = empty_torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    bad = cache / VGG16_FILENAME
+    bad.write_bytes(b"not the vgg16 weights")
+    actual = hashlib.sha256(b"not the vgg16 weights").hexdigest()
+    for trunk in ("auto", str(bad)):
+        with pytest.raises(ValueError) as info:
+            resolve_vgg16_trunk(trunk)
+        assert isinstance(info.value, LPIPSWeightsError)
+        assert VGG16_SHA256 in str(info.value) and actual in str(info.value)
+    with pytest.raises(LPIPSWeightsError):
+        build_lpips(str(bad))
+
+
+def test_synthetic_trunk_loads_into_lpips_slices(synthetic_trunk, empty_torch_home):
+    path, digest, state = synthetic_trunk
+    model, name = build_lpips(str(path), expected_sha256=digest)
+    assert name == "lpips"
+    trunk = dict(model.net.named_parameters())
+    assert len(trunk) == 2 * len(VGG_CONV_INDICES)
+    for i in VGG_CONV_INDICES:
+        for kind in ("weight", "bias"):
+            (key,) = [k for k in trunk if k.endswith(f".{i}.{kind}")]
+            assert torch.equal(trunk[key], state[f"features.{i}.{kind}"]), key
+    assert all(not p.requires_grad for p in model.parameters())
+    assert not model.training
+    # 'auto' finds the same file in torchvision's cache
+    cache = empty_torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / VGG16_FILENAME).symlink_to(path)
+    assert resolve_vgg16_trunk("auto", expected_sha256=digest) == cache / VGG16_FILENAME
+
+
+def test_trunk_file_with_wrong_keys(tmp_path):
+    path = tmp_path / VGG16_FILENAME
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(LPIPSWeightsError, match="features.2.weight"):
+        build_lpips(str(path), expected_sha256=digest)
+
+
+def test_random_trunk_is_named_and_warned(random_lpips):
+    _, name, records = random_lpips
+    assert name == "lpips_random_trunk"
+    assert any("RANDOM" in r.getMessage() and r.levelno == logging.WARNING for r in records)
+
+
+def test_random_trunk_values_and_frozen(random_lpips):
+    model, _, _ = random_lpips
+    x, y = _images(0), _images(1)
+    with torch.no_grad():
+        same = model(x, x.clone())
+        diff = model(x, y)
+    assert same.shape == (2, 1, 1, 1) and diff.shape == (2, 1, 1, 1)
+    assert torch.allclose(same, torch.zeros_like(same), atol=1e-6)
+    assert torch.all(diff > 0)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_lpips_passes_gradient_and_ignores_train_mode(random_lpips):
+    model, _, _ = random_lpips
+    x, y = _images(2), _images(3).requires_grad_(True)
+    model.train()  # a parent module calling .train() must not switch on dropout
+    try:
+        a = model(x, y)
+        b = model(x, y)
+    finally:
+        model.eval()
+    torch.testing.assert_close(a, b)
+    a.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_only_vgg_supported():
+    with pytest.raises(ValueError, match="vgg"):
+        build_lpips("random", net="alex")
