@@ -1,0 +1,312 @@
+"""kl_ae.data: decoding, transforms, sources, shards and loaders (offline, tiny images)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kl_ae import data as D  # before torchvision: kl_ae fixes its import here
+from kl_ae.config import DataConfig
+
+GOOD = {  # relative path -> (width, height) after decoding
+    "photo_0.jpg": (40, 60), "photo_1.png": (60, 40), "big_0.jpg": (100, 80),
+    "sub/big_1.PNG": (80, 100), "sub/deeper/photo.v2.JPEG": (40, 60),
+    "palette.png": (40, 60), "grey.png": (40, 60), "rgba.png": (40, 60), "cmyk.jpg": (40, 60),
+    "grey16.png": (40, 60), "exif.jpg": (40, 60),
+}
+BAD = {"truncated.jpg": "truncated", "empty.jpg": "empty_file", "text.png": "not_an_image"}
+
+
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth random colour image (a photo-like gradient plus noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def _make_folder(root: Path, with_bad: bool = True) -> Path:
+    (root / "sub/deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    _photo(40, 60, 0).save(root / "photo_0.jpg")
+    _photo(60, 40, 1).save(root / "photo_1.png")
+    _photo(100, 80, 2).save(root / "big_0.jpg")
+    _photo(80, 100, 3).save(root / "sub/big_1.PNG")
+    _photo(40, 60, 4).save(root / "sub/deeper/photo.v2.JPEG", format="JPEG")
+    pal = Image.new("P", (40, 60), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.paste(1, (20, 0, 40, 60))  # left half index 0 (transparent), right half red
+    pal.save(root / "palette.png", transparency=0)
+    Image.new("L", (40, 60), 100).save(root / "grey.png")
+    rgba = Image.new("RGBA", (40, 60), (0, 0, 0, 0))
+    rgba.paste((0, 200, 0, 255), (20, 0, 40, 60))
+    rgba.save(root / "rgba.png")
+    Image.new("CMYK", (40, 60), (255, 0, 0, 0)).save(root / "cmyk.jpg")  # pure cyan
+    Image.fromarray(np.full((60, 40), 32768, np.uint16)).save(root / "grey16.png")
+    rot = Image.new("RGB", (60, 40), (255, 0, 0))  # stored landscape: left red, right blue
+    rot.paste((0, 0, 255), (30, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rot.save(root / "exif.jpg", exif=exif, quality=95)
+    _photo(40, 60, 5).save(root / ".hidden/ignored.jpg")
+    _photo(40, 60, 6).save(root / ".dotfile.jpg")
+    (root / "notes.txt").write_text("not an image and not an image extension")
+    if with_bad:
+        buf = io.BytesIO()
+        _photo(100, 80, 7).save(buf, format="JPEG")
+        (root / "truncated.jpg").write_bytes(buf.getvalue()[:400])
+        (root / "empty.jpg").write_bytes(b"")
+        (root / "text.png").write_text("hello, I am not a PNG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return _make_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory) -> dict:
+    return D.pack_shards(folder, tmp_path_factory.mktemp("shards") / "out", max_count=4)
+
+
+def _decoded(folder: Path) -> dict[str, Image.Image]:
+    return dict(D.iter_images(str(folder)))
+
+
+def test_train_transform_shape_range_and_upscale():
+    x, upscaled = D.train_transform(_photo(100, 80, 0), 64)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and not upscaled
+    assert -1.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5 and x.min() < -0.5
+    x, upscaled = D.train_transform(_photo(40, 60, 0), 64, random_flip=False)
+    assert x.shape == (3, 64, 64) and upscaled
+
+
+def test_train_transform_flip_follows_torch_generator():
+    img = _photo(32, 32, 0)
+    flips = set()
+    for seed in range(8):
+        x, _ = D.train_transform(img, 32, True, torch.Generator().manual_seed(seed))
+        y, _ = D.train_transform(img, 32, True, torch.Generator().manual_seed(seed))
+        assert torch.equal(x, y)
+        flips.add(torch.equal(x, D.to_tensor(img).flip(-1)))
+    assert flips == {True, False}
+
+
+def test_eval_transform_matches_torchvision_protocol():
+    from torchvision.transforms import v2
+
+    protocol = v2.Compose([v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                           v2.CenterCrop(32)])
+    for img in (_photo(100, 80, 1), _photo(45, 90, 2), _photo(20, 27, 3)):
+        x = D.eval_transform(img, 32)
+        assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+        assert torch.equal(x, D.to_tensor(protocol(img)))
+
+
+def test_modes_become_sensible_rgb(folder):
+    imgs = _decoded(folder)
+    assert all(im.mode == "RGB" and im.size == GOOD[name] for name, im in imgs.items())
+    pal, rgba = np.asarray(imgs["palette.png"]), np.asarray(imgs["rgba.png"])
+    assert (pal[:, :20] == 255).all() and (pal[:, 20:] == [255, 0, 0]).all()  # transparent -> white
+    assert (rgba[:, :20] == 255).all() and (rgba[:, 20:] == [0, 200, 0]).all()
+    assert (np.asarray(imgs["grey.png"]) == 100).all()
+    cyan = np.asarray(imgs["cmyk.jpg"]).reshape(-1, 3).mean(0)
+    assert cyan[0] < 40 and cyan[1] > 215 and cyan[2] > 215
+    grey16 = np.asarray(imgs["grey16.png"])
+    assert np.abs(grey16.astype(int) - 128).max() <= 1  # 16-bit mid-grey stays mid-grey
+    ramp = Image.fromarray(np.array([[0, 65535]], np.uint16))
+    assert np.asarray(D.to_rgb(ramp))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+    as_int32 = D.to_rgb(Image.fromarray(np.array([[0, 32768, 65535]], np.int32)))  # mode "I"
+    assert np.asarray(as_int32)[0, :, 0].tolist() == [0, 128, 255]
+    as_float = D.to_rgb(Image.fromarray(np.array([[0.0, 0.5]], np.float32)))
+    assert np.asarray(as_float)[0, :, 0].tolist() == [0, 128]
+
+
+def test_exif_orientation_is_applied(folder):
+    img = _decoded(folder)["exif.jpg"]
+    assert img.size == (40, 60)  # stored 60x40, displayed portrait
+    top, bottom = np.asarray(img)[2, 20], np.asarray(img)[-3, 20]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def test_bad_files_are_skipped_with_reasons(folder):
+    counter = D.SkipCounter()
+    names = [name for name, _ in D.iter_images(str(folder), counter)]
+    assert names == sorted(names) and set(names) == set(GOOD)
+    assert counter.as_dict() == {"empty_file": 1, "not_an_image": 1, "truncated": 1}
+    assert counter.total == 3
+    assert counter.summary() == "skipped 3 images: empty_file=1, not_an_image=1, truncated=1"
+    for name, reason in BAD.items():
+        assert D._decode(folder / name) == (None, reason)
+
+
+def test_decompression_bomb_is_skipped(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for w, h in ((40, 60), (40, 30)):  # above 2x the limit (error) and between 1x and 2x (warning)
+        buf = io.BytesIO()
+        _photo(w, h, 0).save(buf, format="PNG")
+        assert D._decode(buf.getvalue()) == (None, "decompression_bomb")
+
+
+def test_list_image_files_is_recursive_sorted_and_case_insensitive(folder):
+    files = D.list_image_files(folder)
+    rel = [f.relative_to(folder).as_posix() for f in files]
+    assert rel == sorted(rel) and set(rel) == set(GOOD) | set(BAD)
+    assert D.list_image_files(folder / "grey.png") == [folder / "grey.png"]
+
+
+def test_builtin_sets_exist_and_are_disjoint():
+    train, val = D.list_image_files("builtin:train"), D.list_image_files("builtin:val")
+    assert train == D.list_image_files("builtin:samples")
+    assert len(train) >= 5 and len(val) >= 2 and not {f.name for f in train} & {f.name for f in val}
+    for f in train + val:
+        with Image.open(f) as im:
+            assert f.is_file() and im.mode == "RGB" and min(im.size) >= 256
+
+
+def test_default_config_trains_on_builtin_samples():
+    ds = D.build_train_dataset(DataConfig())  # data.train = builtin:samples, 256 px
+    sample = ds[0]
+    assert len(ds) == len(D.BUILTIN_SETS["train"]) and sample["name"] == D.BUILTIN_SETS["train"][0]
+    assert sample["pixel_values"].shape == (3, 256, 256) and not sample["upscaled"]
+
+
+def test_errors_are_helpful(folder, tmp_path):
+    with pytest.raises(D.DataError, match="unknown built-in data set 'builtin:nope'"):
+        D.list_image_files("builtin:nope")
+    with pytest.raises(D.DataError, match="data.train: .*no such file or folder; expected an image "
+                                          "folder, a shard pattern like .* or builtin:train"):
+        D.build_train_dataset(DataConfig(train=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/readme.txt").write_text("x")
+    with pytest.raises(D.DataError, match="folder has no images"):
+        D.list_image_files(tmp_path / "empty")
+    with pytest.raises(D.DataError, match="matches no files"):
+        D.expand_shards(str(tmp_path / "shard-{000000..000003}.tar"))
+    with pytest.raises(D.DataError, match="shard source"):
+        D.list_image_files(str(tmp_path / "x.tar"))
+
+
+def test_is_shard_source(folder):
+    assert D.is_shard_source("data/train-{000000..000009}.tar")
+    assert D.is_shard_source("one.tar") and D.is_shard_source("https://host/s-{0..3}.tar")
+    assert D.is_shard_source("pipe:curl -s http://host/s.tar")
+    assert not D.is_shard_source("builtin:train") and not D.is_shard_source(str(folder))
+
+
+def test_collate_drops_skipped_samples():
+    good = {"pixel_values": torch.zeros(3, 8, 8), "upscaled": True, "name": "a"}
+    bad = {"pixel_values": None, "skip_reason": "truncated", "name": "b"}
+    batch = D.collate([good, bad, None, good], resolution=8)
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["num_upscaled"] == 2
+    assert batch["num_skipped"] == 2 and batch["skip_reasons"] == {"truncated": 1, "unknown": 1}
+    empty = D.collate([bad], resolution=8)
+    assert empty["pixel_values"].shape == (0, 3, 8, 8) and empty["num_skipped"] == 1
+
+
+def test_pack_shards_round_trip(folder, shards):
+    assert shards["num_samples"] == len(GOOD) and shards["num_shards"] >= 3
+    assert shards["skipped"] == {"empty_file": 1, "not_an_image": 1, "truncated": 1}
+    urls = D.expand_shards(shards["pattern"])
+    assert len(urls) == shards["num_shards"] and all(Path(u).is_file() for u in urls)
+    with tarfile.open(urls[0]) as tar:  # original bytes under the normalised extension
+        assert all(m.name.rsplit(".", 1)[1] in D.IMAGE_EXTENSIONS for m in tar.getmembers())
+    from_folder = {D.sample_key(name): img for name, img in D.iter_images(str(folder))}
+    counter = D.SkipCounter()
+    from_shards = list(D.iter_images(shards["pattern"], counter))
+    assert [k for k, _ in from_shards] == list(from_folder)  # same order: packed in sorted order
+    assert counter.total == 0 and len(from_shards) == len(from_folder)
+    for key, img in from_shards:
+        assert np.array_equal(np.asarray(img), np.asarray(from_folder[key]))
+    with pytest.raises(D.DataError, match="already contains"):
+        D.pack_shards(folder, Path(urls[0]).parent)
+
+
+def test_shard_train_dataset_yields_every_sample_once(shards):
+    cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=0, shuffle_buffer=5)
+    ds = D.build_train_dataset(cfg, seed=0)
+    names = [s["name"] for s in ds]
+    assert sorted(names) == sorted(D.sample_key(n) for n in GOOD)
+    again = [s["name"] for s in ds]  # second epoch: reshuffled, still complete
+    assert sorted(again) == sorted(names)
+
+
+def test_shard_dataset_two_workers_no_duplicates(shards):
+    cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=2, shuffle_buffer=3)
+    loader = torch.utils.data.DataLoader(D.build_train_dataset(cfg), batch_size=None, num_workers=2)
+    names = [s["name"] for s in loader]
+    assert sorted(names) == sorted(D.sample_key(n) for n in GOOD)
+
+
+def test_fewer_shards_than_processes_is_an_error(shards, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(shards["num_shards"] + 1))
+    with pytest.raises(D.DataError, match=f"at least {shards['num_shards'] + 1} are needed"):
+        D.build_train_dataset(DataConfig(train=shards["pattern"]))
+
+
+def test_corrupted_shards_do_not_stop_iteration(folder, tmp_path):
+    packed = D.pack_shards(folder, tmp_path / "s", max_count=4)
+    urls = D.expand_shards(packed["pattern"])
+    first = set(k for k, _ in D.iter_images(urls[0]))
+    data = Path(urls[0]).read_bytes()
+    Path(urls[0]).write_bytes(data[: len(data) // 2])  # a truncated tar stream
+    with tarfile.open(tmp_path / "s/shard-extra.tar", "w") as tar:  # member-less, non-image
+        for name, payload in (("nothing.txt", b"caption"), ("junk.jpg", b"not a jpeg")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    counter = D.SkipCounter()
+    keys = [k for k, _ in D.iter_images(str(tmp_path / "s/shard-*.tar"), counter)]
+    rest = {D.sample_key(n) for n in GOOD} - first
+    assert rest <= set(keys) and len(keys) == len(set(keys))
+    assert counter.as_dict() == {"no_image_member": 1, "not_an_image": 1}
+
+
+def test_folder_dataloader_batches(folder):
+    cfg = DataConfig(train=str(folder), resolution=32, num_workers=0)
+    loader = D.build_train_dataloader(cfg, batch_size=4, seed=0)
+    batches = list(loader)
+    n = len(GOOD) + len(BAD)
+    assert len(batches) == n // 4
+    for b in batches:
+        assert b["pixel_values"].shape[1:] == (3, 32, 32) and b["pixel_values"].dtype == torch.float32
+        assert b["pixel_values"].shape[0] + b["num_skipped"] == 4
+        assert sum(b["skip_reasons"].values()) == b["num_skipped"]
+    assert sum(b["num_skipped"] for b in batches) <= len(BAD)
+
+
+def test_small_folder_fills_a_batch_and_counts_upscaling(tmp_path):
+    for i in range(3):
+        _photo(40, 60, i).save(tmp_path / f"{i}.png")
+    cfg = DataConfig(train=str(tmp_path), resolution=64, num_workers=0)
+    (batch,) = list(D.build_train_dataloader(cfg, batch_size=8))
+    assert batch["pixel_values"].shape == (8, 3, 64, 64) and batch["num_upscaled"] == 8
+
+
+def test_shard_dataloader_is_endless(shards):
+    cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=0, shuffle_buffer=4)
+    loader = D.build_train_dataloader(cfg, batch_size=4)
+    batches = list(itertools.islice(loader, 6))  # 24 samples > one epoch of 11
+    assert all(b["pixel_values"].shape == (4, 3, 32, 32) for b in batches)
+    assert all(-1 <= b["pixel_values"].min() and b["pixel_values"].max() <= 1 for b in batches)
+
+
+def test_shards_split_across_two_ranks_exactly_once(shards, monkeypatch):
+    cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=0, shuffle_buffer=3)
+    seen = []
+    for rank in (0, 1):  # webdataset reads the rank from RANK / WORLD_SIZE, as under torchrun
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append([s["name"] for s in D.build_train_dataset(cfg, seed=3)])
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(D.sample_key(n) for n in GOOD)

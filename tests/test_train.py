@@ -1,0 +1,112 @@
+"""End to end on a tiny model: train, checkpoint, resume, export, reload, evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from kl_ae.cli import main
+from kl_ae.config import load_config
+from kl_ae.export import autoencoder_from_checkpoint
+from kl_ae.trainer import scaled_learning_rate, train
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h, w = (48, 64) if i % 2 else (40, 40)  # 40 px images are smaller than nothing: no upscaling at 32
+        base = rng.integers(0, 255, size=(1, 1, 3))
+        img = np.clip(base + rng.normal(0, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"img{i}.{'png' if i % 3 else 'jpg'}")
+    return root
+
+
+def tiny_overrides(photos, run_dir, steps=4):
+    return [
+        "model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8",
+        "model.mid_block_add_attention=false",
+        f"data.train={photos}", f"data.val={photos}", "data.resolution=32", "data.val_resolution=32",
+        "data.num_workers=0", f"train.output_dir={run_dir}", f"train.max_steps={steps}",
+        "train.batch_size=2", "train.gradient_accumulation_steps=1", "train.checkpoint_every=2",
+        "train.image_every=2", "train.log_every=1", "train.ema_decay=0.9", "train.scaling_images=4",
+        "train.mixed_precision=no", "loss.disc_start=2", "loss.disc_channels=8", "loss.disc_num_layers=2",
+        "loss.perceptual_weight=1.0", "loss.lpips_trunk=random", "optim.scale_lr=false",
+        "optim.base_learning_rate=1e-3",
+    ]
+
+
+def test_lr_scaling_rule_matches_ldm():
+    cfg = load_config(None, [])  # batch 12, accumulation 2, base 4.5e-6
+    assert scaled_learning_rate(cfg, 1) == pytest.approx(1.08e-4)
+    assert scaled_learning_rate(cfg, 4) == pytest.approx(4.32e-4)
+
+
+@pytest.fixture(scope="module")
+def trained_run(photos, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    cfg = load_config(None, tiny_overrides(photos, run_dir))
+    train(cfg)
+    return run_dir
+
+
+def test_run_directory_describes_itself(trained_run):
+    for name in ["config.yaml", "train.log", "checkpoints/latest", "checkpoints/step-0000002/loop_state.json",
+                 "checkpoints/step-0000004/ema.safetensors", "samples/step-0000004.png",
+                 "export/config.json", "export/diffusion_pytorch_model.safetensors", "eval.json"]:
+        assert (trained_run / name).exists(), name
+    assert (trained_run / "checkpoints/latest").read_text().strip() == "step-0000004"
+    log = (trained_run / "train.log").read_text()
+    assert "loss/lpips_random_trunk" in log and "loss/lpips=" not in log
+    assert "disc/loss" in log  # the discriminator was active from step 2
+    assert list((trained_run / "logs").rglob("events.out.tfevents*"))
+    report = json.loads((trained_run / "eval.json").read_text())
+    assert report["num_images"] == 6 and np.isfinite(report["metrics"]["psnr"])
+
+
+def test_export_reloads_with_same_reconstruction(trained_run):
+    config = json.loads((trained_run / "export/config.json").read_text())
+    assert config["scaling_factor"] > 0 and config["shift_factor"] is None
+    exported = AutoencoderKL.from_pretrained(trained_run / "export").eval()
+    trained, _, state = autoencoder_from_checkpoint(trained_run)  # EMA weights of the last checkpoint
+    assert state["ema"] and state["step"] == 4
+    trained.eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a = exported.decode(exported.encode(x).latent_dist.mode()).sample
+        b = trained.decode(trained.encode(x).latent_dist.mode()).sample
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_export_command_and_force(trained_run, tmp_path):
+    out = tmp_path / "out"
+    assert main(["export", str(trained_run), str(out)]) == 0
+    vae = AutoencoderKL.from_pretrained(out)
+    assert vae.config.scaling_factor > 0
+    assert main(["export", str(trained_run), str(out)]) == 2  # non-empty: refused without --force
+    assert main(["export", str(trained_run), str(out), "--force"]) == 0
+
+
+def test_eval_command_writes_psnr_ssim(trained_run, photos, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["eval", str(trained_run / "export"), str(photos), "--out", str(out), "--resolution", "32"]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["per_image"]) == 6
+    assert {"psnr", "ssim"} <= set(report["metrics"])
+
+
+def test_resume_continues_from_latest(trained_run, photos):
+    cfg = load_config(trained_run / "config.yaml", ["train.max_steps=6"])
+    train(cfg, resume="latest")
+    assert (trained_run / "checkpoints/latest").read_text().strip() == "step-0000006"
+    state = json.loads((trained_run / "checkpoints/step-0000006/loop_state.json").read_text())
+    assert state["step"] == 6
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "--set", "train.max_stepz=3"]) == 2
+    assert "train.max_stepz" in capsys.readouterr().err
