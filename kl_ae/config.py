@@ -106,6 +106,10 @@ class DataConfig:
     """Square crop size in pixels; must be divisible by the downsampling factor."""
     random_flip: bool = True
     """Random horizontal flip."""
+    short_side_range: list[int] = field(default_factory=list)
+    """[lo, hi] px: before cropping, downscale each image so its short side is a random size in
+    [lo, hi] (LDM's autoencoder data, ImageNetSR: a 0.5-1.0 x short-side crop resized to R,
+    about [R, 2R]). Empty: crop at native size."""
     num_workers: int = 2
     """DataLoader worker processes per training process (0: decode in the main process)."""
     shuffle_buffer: int = 1000
@@ -183,6 +187,11 @@ class Config:
             raise ConfigError(
                 f"data.resolution={d.resolution} is not divisible by the downsampling factor {f} "
                 f"(2**(len(model.block_out_channels)-1)); use a multiple of {f}"
+            )
+        if d.short_side_range and (len(d.short_side_range) != 2 or not
+                                   d.resolution <= d.short_side_range[0] <= d.short_side_range[1]):
+            raise ConfigError(
+                f"data.short_side_range must be [lo, hi] with data.resolution <= lo <= hi, got {d.short_side_range}"
             )
         if loss.disc_loss not in ("hinge", "vanilla"):
             raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")

@@ -36,7 +36,7 @@ from functools import partial
 from glob import glob
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
@@ -162,10 +162,22 @@ def _resize_short_side(img: Image.Image, size: int) -> Image.Image:
 
 
 def train_transform(img: Image.Image, resolution: int, random_flip: bool = True,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, bool]:
+                    generator: torch.Generator | None = None,
+                    short_side_range: Sequence[int] | None = None) -> tuple[torch.Tensor, bool]:
     """Random R×R crop (R = ``resolution``), optional horizontal flip -> ((3, R, R) float32 in
     [-1, 1], upscaled). A short side below R is first upscaled (bicubic) to exactly R, reported by
-    ``upscaled``. Randomness: torch's generator (global unless given; DataLoader seeds workers)."""
+    ``upscaled``. Randomness: torch's generator (global unless given; DataLoader seeds workers).
+
+    short_side_range: (lo, hi) in pixels: first downscale the image so its short side is a
+    uniform random integer in [lo, hi] (never above its native short side; LDM's autoencoder
+    data crops 0.5-1.0 of the short side and resizes the crop to R, about [R, 2R]); None or
+    empty: crop at native resolution.
+    """
+    if short_side_range:
+        lo, hi = int(short_side_range[0]), int(short_side_range[-1])
+        target = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        if target < min(img.size):
+            img = _resize_short_side(img, max(target, resolution))
     upscaled = min(img.size) < resolution
     if upscaled:
         img = _resize_short_side(img, resolution)
@@ -189,11 +201,11 @@ def eval_transform(img: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def _record(img: Image.Image | None, reason: str | None, name: str, resolution: int,
-            random_flip: bool) -> dict:
+            random_flip: bool, short_side_range: Sequence[int] | None = None) -> dict:
     """A training sample ``{"pixel_values": (3, R, R), "upscaled", "name"}`` or a skip record."""
     if img is None:
         return {"pixel_values": None, "skip_reason": reason, "name": name}
-    pixels, upscaled = train_transform(img, resolution, random_flip)
+    pixels, upscaled = train_transform(img, resolution, random_flip, short_side_range=short_side_range)
     return {"pixel_values": pixels, "upscaled": upscaled, "name": name}
 
 
@@ -222,9 +234,10 @@ class ImageFolderDataset(Dataset):
     processes), which :func:`collate` counts. ``name``: path relative to ``root`` if given."""
 
     def __init__(self, files: Iterable[str | Path], resolution: int, random_flip: bool = True,
-                 root: str | Path | None = None):
+                 root: str | Path | None = None, short_side_range: Sequence[int] | None = None):
         self.files = [Path(f) for f in files]
         self.resolution, self.random_flip = resolution, random_flip
+        self.short_side_range = short_side_range
         self.root = Path(root) if root is not None else None
 
     def __len__(self) -> int:
@@ -234,7 +247,7 @@ class ImageFolderDataset(Dataset):
         path = self.files[index]
         name = path.relative_to(self.root).as_posix() if self.root else str(path)
         img, reason = _decode(path)
-        return _record(img, reason, name, self.resolution, self.random_flip)
+        return _record(img, reason, name, self.resolution, self.random_flip, self.short_side_range)
 
 
 def _decode_sample(sample: dict) -> tuple[Image.Image | None, str | None]:
@@ -245,8 +258,10 @@ def _decode_sample(sample: dict) -> tuple[Image.Image | None, str | None]:
     return None, "no_image_member"
 
 
-def _shard_record(sample: dict, resolution: int, random_flip: bool) -> dict:
-    return _record(*_decode_sample(sample), sample.get("__key__", "?"), resolution, random_flip)
+def _shard_record(sample: dict, resolution: int, random_flip: bool,
+                  short_side_range: Sequence[int] | None = None) -> dict:
+    return _record(*_decode_sample(sample), sample.get("__key__", "?"), resolution, random_flip,
+                   short_side_range)
 
 
 def _warn_and_continue(exn: Exception) -> bool:
@@ -398,7 +413,8 @@ def _shard_train_dataset(cfg: DataConfig, seed: int) -> wds.WebDataset:
                         empty_check=False, handler=_warn_and_continue)
     if cfg.shuffle_buffer > 1:
         ds = ds.compose(partial(_buffer_shuffle, bufsize=cfg.shuffle_buffer))
-    decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip)
+    decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
+                     short_side_range=cfg.short_side_range)
     return ds.map(decode, handler=_warn_and_continue)
 
 
@@ -417,7 +433,8 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDat
     except DataError as err:
         raise DataError(f"data.train: {err}") from None
     logger.info("data.train=%s: %d images", cfg.train, len(files))
-    return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=root)
+    return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=root,
+                              short_side_range=cfg.short_side_range)
 
 
 def _seed_worker(worker_id: int) -> None:

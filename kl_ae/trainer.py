@@ -276,9 +276,7 @@ def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) ->
             report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution,
                               lpips_trunk=cfg.loss.lpips_trunk, baselines=True)
             (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
-            table = format_report(report)
-            logger.info("evaluation on %s:\n%s", cfg.data.val, table)
-            print(table)
+            logger.info("evaluation on %s (%s):\n%s", cfg.data.val, run_dir / "eval.json", format_report(report))
     finally:
         if ema is not None:
             ema.restore(vae.parameters())

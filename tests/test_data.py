@@ -310,3 +310,28 @@ def test_shards_split_across_two_ranks_exactly_once(shards, monkeypatch):
         seen.append([s["name"] for s in D.build_train_dataset(cfg, seed=3)])
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(D.sample_key(n) for n in GOOD)
+
+
+def test_short_side_range_downscales_before_cropping():
+    from kl_ae.data import train_transform
+
+    # A 400x200 image: a horizontal ramp. Resized so the short side is 32, a 32-px crop spans
+    # a large part of the ramp; cropped at native size it spans a small part.
+    ramp = np.tile(np.linspace(0, 255, 400, dtype=np.float32), (200, 1))
+    img = Image.fromarray(np.stack([ramp] * 3, -1).astype(np.uint8))
+    g = torch.Generator().manual_seed(0)
+    small, up = train_transform(img, 32, random_flip=False, generator=g, short_side_range=[32, 32])
+    native, _ = train_transform(img, 32, random_flip=False, generator=g)
+    assert not up and small.shape == native.shape == (3, 32, 32)
+    span_small = (small[0, 0, -1] - small[0, 0, 0]).item()
+    span_native = (native[0, 0, -1] - native[0, 0, 0]).item()
+    assert span_small > 5 * span_native  # half the ramp (64-px wide after resizing) vs 32/400 of it: 6.25x
+
+
+def test_short_side_range_is_validated():
+    from kl_ae.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="short_side_range"):
+        load_config(None, ["data.short_side_range=[128]"])
+    with pytest.raises(ConfigError, match="short_side_range"):
+        load_config(None, ["data.resolution=256", "data.short_side_range=[128, 512]"])
