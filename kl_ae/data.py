@@ -27,6 +27,7 @@ decompression_bomb, unreadable, decode_error, no_image_member (shards).
 from __future__ import annotations
 
 import io
+import math
 import logging
 import os
 import random
@@ -118,8 +119,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode(source: bytes | str | Path) -> tuple[Image.Image | None, str | None]:
-    """Decode file bytes or a path to an RGB image: ``(image, None)`` or ``(None, reason)``."""
+def _decode(source: bytes | str | Path, draft_short_side: int | None = None
+            ) -> tuple[Image.Image | None, str | None]:
+    """Decode file bytes or a path to an RGB image: ``(image, None)`` or ``(None, reason)``.
+
+    draft_short_side: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose short
+    side is still >= this many pixels (Pillow ``draft``): several times faster for multi-MP
+    photos that are downscaled anyway. Other formats decode at full size.
+    """
     try:
         in_memory = isinstance(source, (bytes, bytearray, memoryview))
         if (len(source) if in_memory else os.path.getsize(source)) == 0:
@@ -129,6 +136,11 @@ def _decode(source: bytes | str | Path) -> tuple[Image.Image | None, str | None]
             # between 1x and 2x Image.MAX_IMAGE_PIXELS Pillow only warns; treat it as a bomb too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
+                if draft_short_side and img.format == "JPEG":
+                    w, h = img.size
+                    scale = draft_short_side / min(w, h)
+                    if scale < 1:
+                        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
                 img.load()
                 try:
                     img = ImageOps.exif_transpose(img)
@@ -246,22 +258,27 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
         name = path.relative_to(self.root).as_posix() if self.root else str(path)
-        img, reason = _decode(path)
+        img, reason = _decode(path, _draft_size(self.short_side_range))
         return _record(img, reason, name, self.resolution, self.random_flip, self.short_side_range)
 
 
-def _decode_sample(sample: dict) -> tuple[Image.Image | None, str | None]:
+def _draft_size(short_side_range: Sequence[int] | None) -> int | None:
+    """Training images are downscaled to at most the range's top: decode JPEGs no larger."""
+    return int(short_side_range[-1]) if short_side_range else None
+
+
+def _decode_sample(sample: dict, draft_short_side: int | None = None) -> tuple[Image.Image | None, str | None]:
     """Decode a webdataset sample's first member with an image extension."""
     for key, value in sample.items():
         if not key.startswith("__") and key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-            return _decode(value)
+            return _decode(value, draft_short_side)
     return None, "no_image_member"
 
 
 def _shard_record(sample: dict, resolution: int, random_flip: bool,
                   short_side_range: Sequence[int] | None = None) -> dict:
-    return _record(*_decode_sample(sample), sample.get("__key__", "?"), resolution, random_flip,
-                   short_side_range)
+    return _record(*_decode_sample(sample, _draft_size(short_side_range)), sample.get("__key__", "?"),
+                   resolution, random_flip, short_side_range)
 
 
 def _warn_and_continue(exn: Exception) -> bool:

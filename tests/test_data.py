@@ -335,3 +335,14 @@ def test_short_side_range_is_validated():
         load_config(None, ["data.short_side_range=[128]"])
     with pytest.raises(ConfigError, match="short_side_range"):
         load_config(None, ["data.resolution=256", "data.short_side_range=[128, 512]"])
+
+
+def test_jpeg_draft_decodes_smaller_but_not_below_target(tmp_path):
+    from kl_ae.data import _decode
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.full((400, 600, 3), 120, np.uint8)).save(path)
+    full, _ = _decode(path)
+    drafted, _ = _decode(path, draft_short_side=90)
+    assert full.size == (600, 400)
+    assert 90 <= min(drafted.size) < 400 and drafted.mode == "RGB"
