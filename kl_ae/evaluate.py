@@ -43,7 +43,8 @@ from torchmetrics.functional.image import (
 )
 from tqdm import tqdm
 
-from kl_ae.data import SkipCounter, eval_transform, iter_images
+from kl_ae.data import iter_images
+from kl_ae.images import SkipCounter, eval_transform
 from kl_ae.perceptual import LPIPSWeightsError, build_lpips
 
 Reconstructor = Callable[[torch.Tensor], torch.Tensor]

@@ -95,7 +95,7 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     Image.fromarray(array).save(run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":  # other trackers take PIL/numpy lists: issue #6
+        if tracker.name == "tensorboard":  # grids go to TensorBoard; other trackers: samples/*.png
             tracker.writer.add_image("samples/input_reconstruction", grid, global_step=step)
 
 

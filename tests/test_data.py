@@ -146,7 +146,7 @@ def test_bad_files_are_skipped_with_reasons(folder):
     assert counter.total == 3
     assert counter.summary() == "skipped 3 images: empty_file=1, not_an_image=1, truncated=1"
     for name, reason in BAD.items():
-        assert D._decode(folder / name) == (None, reason)
+        assert D.decode(folder / name) == (None, reason)
 
 
 def test_decompression_bomb_is_skipped(monkeypatch):
@@ -154,7 +154,7 @@ def test_decompression_bomb_is_skipped(monkeypatch):
     for w, h in ((40, 60), (40, 30)):  # above 2x the limit (error) and between 1x and 2x (warning)
         buf = io.BytesIO()
         _photo(w, h, 0).save(buf, format="PNG")
-        assert D._decode(buf.getvalue()) == (None, "decompression_bomb")
+        assert D.decode(buf.getvalue()) == (None, "decompression_bomb")
 
 
 def test_list_image_files_is_recursive_sorted_and_case_insensitive(folder):
@@ -338,7 +338,7 @@ def test_short_side_range_is_validated():
 
 
 def test_jpeg_draft_decodes_smaller_but_not_below_target(tmp_path):
-    from kl_ae.data import _decode
+    from kl_ae.images import decode as _decode
 
     path = tmp_path / "big.jpg"
     Image.fromarray(np.full((400, 600, 3), 120, np.uint8)).save(path)
