@@ -32,6 +32,13 @@ def _eval(args: argparse.Namespace) -> None:
 
     run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
         lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images)
+    if args.grid:
+        from kl_ae.export import load_autoencoder
+        from kl_ae.grids import reconstruction_grid
+
+        path = reconstruction_grid(load_autoencoder(args.model), args.images, args.grid,
+                                   resolution=args.resolution, max_images=args.grid_images)
+        print(f"input | reconstruction grid: {path}")
 
 
 def _shards(args: argparse.Namespace) -> None:
@@ -73,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true",
                    help="also report the mean-colour and bicubic down/up baselines")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--grid", default=None, metavar="FILE.png", help="also write an input | reconstruction grid")
+    p.add_argument("--grid-images", type=int, default=4, help="images in the grid (the first ones)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("shards", help="pack a folder of images into webdataset shards")

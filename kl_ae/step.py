@@ -82,8 +82,9 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     m.opt_ae.zero_grad(set_to_none=True)
     out["loss/total"] = loss.detach()
     with torch.no_grad():
-        out["latent/mean"] = posterior.mean.mean().float()
-        out["latent/std"] = posterior.std.mean().float()
+        out["latent/mu_mean"] = posterior.mean.float().mean()  # mean of the posterior means
+        out["latent/mu_std"] = posterior.mean.float().std()  # spread of the posterior means
+        out["latent/sigma_mean"] = posterior.std.float().mean()  # mean posterior std (-> 0: KL rising)
     return reconstruction.detach(), out
 
 

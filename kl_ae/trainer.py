@@ -26,6 +26,7 @@ from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config, save_config
 from kl_ae.data import build_train_dataloader, is_shard_source
 from kl_ae.export import compute_latent_factors, save_export
+from kl_ae.grids import pair_grid, save_grid
 from kl_ae.model import AutoencoderWrapper, build_autoencoder, build_discriminator, count_parameters
 from kl_ae.perceptual import build_lpips
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
@@ -46,12 +47,15 @@ def scaled_learning_rate(cfg: Config, num_processes: int) -> float:
     return t.gradient_accumulation_steps * num_processes * t.batch_size * o.base_learning_rate
 
 
-def _setup_logging(run_dir: Path, is_main: bool) -> None:
+def _add_run_log(run_dir: Path, is_main: bool) -> logging.Handler | None:
+    """Send the ``kl_ae`` loggers to RUN/train.log (main process) for the duration of one run."""
     logger.setLevel(logging.INFO)
-    if is_main and not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+    if not is_main:
+        return None
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return handler
 
 
 def _tracker_config(cfg: Config) -> dict:
@@ -85,15 +89,8 @@ def _batches(loader, counters: dict):
 
 def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
     """Save and log an input | reconstruction grid of up to 4 images (main process)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    n = min(4, x.shape[0])
-    pairs = torch.stack([x[:n].float().cpu(), rec[:n].float().cpu()], dim=1).flatten(0, 1)
-    grid = make_grid((pairs.clamp(-1, 1) + 1) / 2, nrow=2, padding=2)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    Image.fromarray(array).save(run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
+    grid = pair_grid(x, rec)
+    save_grid(grid, run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":  # grids go to TensorBoard; other trackers: samples/*.png
             tracker.writer.add_image("samples/input_reconstruction", grid, global_step=step)
@@ -134,7 +131,8 @@ def _build(cfg: Config, accelerator: Accelerator):
     sched_ae = get_scheduler("constant_with_warmup", opt_ae, num_warmup_steps=warmup)
     sched_disc = get_scheduler("constant_with_warmup", opt_disc, num_warmup_steps=warmup)
     logger.info(
-        "autoencoder %.2f M parameters, discriminator %.2f M, lr %.3g (scale_lr=%s), perceptual: %s",
+        "world size %d, autoencoder %.2f M parameters, discriminator %.2f M, lr %.3g (scale_lr=%s), "
+        "perceptual: %s", accelerator.num_processes,
         count_parameters(vae) / 1e6, count_parameters(disc) / 1e6, lr, cfg.optim.scale_lr,
         perceptual_name if perceptual is not None else "off",
     )
@@ -161,7 +159,18 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    _setup_logging(run_dir, accelerator.is_main_process)
+    handler = _add_run_log(run_dir, accelerator.is_main_process)
+    try:
+        _train(cfg, accelerator, run_dir, resume)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+    return run_dir
+
+
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None) -> None:
+    t = cfg.train
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name = _build(cfg, accelerator)
     vae = ae.vae
@@ -192,7 +201,6 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         accelerator.init_trackers("kl-ae", config=_tracker_config(cfg))
     _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch)
     accelerator.end_training()
-    return run_dir
 
 
 def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch) -> None:

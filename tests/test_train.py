@@ -93,7 +93,10 @@ def test_export_command_and_force(trained_run, tmp_path):
 
 def test_eval_command_writes_psnr_ssim(trained_run, photos, tmp_path):
     out = tmp_path / "m.json"
-    assert main(["eval", str(trained_run / "export"), str(photos), "--out", str(out), "--resolution", "32"]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["eval", str(trained_run / "export"), str(photos), "--out", str(out), "--resolution", "32",
+                 "--grid", str(grid), "--grid-images", "3"]) == 0
+    assert Image.open(grid).size == (2 + 2 * 34, 2 + 3 * 34)  # 2 columns x 3 rows of 32 px, padding 2
     report = json.loads(out.read_text())
     assert len(report["per_image"]) == 6
     assert {"psnr", "ssim"} <= set(report["metrics"])
@@ -110,3 +113,15 @@ def test_resume_continues_from_latest(trained_run, photos):
 def test_cli_reports_config_errors(capsys):
     assert main(["train", "--set", "train.max_stepz=3"]) == 2
     assert "train.max_stepz" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_steps_count_optimizer_steps(photos, tmp_path):
+    run_dir = tmp_path / "acc"
+    overrides = tiny_overrides(photos, run_dir, steps=2) + [
+        "train.gradient_accumulation_steps=2", "train.checkpoint_every=100", "data.val=",
+        "loss.perceptual_weight=0", "train.tracker=none"]
+    train(load_config(None, overrides))
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-0000002"
+    log = (run_dir / "train.log").read_text()
+    assert "step 2 " in log and "step 3 " not in log
+    assert not (run_dir / "eval.json").exists()
