@@ -171,12 +171,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None) -> None:
     t = cfg.train
+    loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)  # bad data fails before any model
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name = _build(cfg, accelerator)
     vae = ae.vae
     ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
 
-    loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)
     if not is_shard_source(cfg.data.train):  # webdataset splits shards by node itself
         loader = accelerator.prepare(loader)
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = accelerator.prepare(

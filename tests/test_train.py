@@ -125,3 +125,15 @@ def test_gradient_accumulation_steps_count_optimizer_steps(photos, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "step 2 " in log and "step 3 " not in log
     assert not (run_dir / "eval.json").exists()
+
+
+def test_missing_data_or_lpips_weights_stop_at_start_up(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--set", f"data.train={tmp_path / 'nowhere'}", "--set", f"train.output_dir={run}"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    assert main(["train", "--set", "data.train=builtin:train", "--set", f"train.output_dir={run}",
+                 "--set", "loss.perceptual_weight=1.0"]) == 2
+    err = capsys.readouterr().err
+    assert "vgg16-397923af.pth" in err and str(tmp_path / "empty_torch_home") in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
