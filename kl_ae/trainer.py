@@ -28,7 +28,7 @@ from kl_ae.data import build_train_dataloader, is_shard_source
 from kl_ae.export import compute_latent_factors, save_export
 from kl_ae.grids import pair_grid, save_grid
 from kl_ae.model import AutoencoderWrapper, build_autoencoder, build_discriminator, count_parameters
-from kl_ae.perceptual import build_lpips
+from kl_ae.perceptual import build_lpips, resolve_vgg16_trunk
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 
 logger = logging.getLogger("kl_ae")
@@ -148,6 +148,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     """
     t = cfg.train
     run_dir = Path(t.output_dir)
+    # Unusable data or missing LPIPS weights: fail before Accelerate, models or the run directory.
+    loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)
+    if cfg.loss.perceptual_weight > 0:
+        resolve_vgg16_trunk(cfg.loss.lpips_trunk)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -161,7 +165,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     try:
-        _train(cfg, accelerator, run_dir, resume)
+        _train(cfg, accelerator, run_dir, resume, loader)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
@@ -169,9 +173,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     return run_dir
 
 
-def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None) -> None:
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, loader) -> None:
     t = cfg.train
-    loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)  # bad data fails before any model
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name = _build(cfg, accelerator)
     vae = ae.vae
