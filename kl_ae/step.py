@@ -30,9 +30,17 @@ class StepModels:
     perceptual_name: str  # "lpips" or "lpips_random_trunk"
 
 
-def _clip(accelerator: Accelerator, module: nn.Module, max_norm: float) -> None:
-    if max_norm > 0 and accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(module.parameters(), max_norm)
+def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, optimizer, scheduler,
+            max_grad_norm: float) -> None:
+    """Backward, optional clipping, optimizer and scheduler step, zero_grad. Under gradient
+    accumulation Accelerate's optimizer only steps (and zeroes) on the last micro-batch."""
+    accelerator.backward(loss)
+    if max_grad_norm > 0 and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, step: int,
@@ -74,12 +82,7 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
         d_weight = losses.adaptive_generator_weight(nll, g_loss, ae.last_layer, cfg.disc_weight)
         loss = loss + d_weight * disc_factor * g_loss
         out.update({"loss/g": g_loss.detach(), "disc/adaptive_weight": d_weight})
-    accelerator.backward(loss)
-    _clip(accelerator, m.autoencoder, max_grad_norm)
-    m.opt_ae.step()
-    if accelerator.sync_gradients:
-        m.sched_ae.step()
-    m.opt_ae.zero_grad(set_to_none=True)
+    _update(accelerator, loss, m.autoencoder, m.opt_ae, m.sched_ae, max_grad_norm)
     out["loss/total"] = loss.detach()
     with torch.no_grad():
         out["latent/mu_mean"] = posterior.mean.float().mean()  # mean of the posterior means
@@ -102,11 +105,6 @@ def discriminator_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor,
         logits_real, logits_fake = m.discriminator(x, reconstruction.detach())
     logits_real, logits_fake = logits_real.float(), logits_fake.float()
     d_loss = disc_factor * losses.discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
-    accelerator.backward(d_loss)
-    _clip(accelerator, m.discriminator, max_grad_norm)
-    m.opt_disc.step()
-    if accelerator.sync_gradients:
-        m.sched_disc.step()
-    m.opt_disc.zero_grad(set_to_none=True)
+    _update(accelerator, d_loss, m.discriminator, m.opt_disc, m.sched_disc, max_grad_norm)
     return {"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
             "disc/logits_fake": logits_fake.detach().mean()}
