@@ -244,7 +244,18 @@ def iter_images(spec: str, counter: SkipCounter | None = None) -> Iterator[tuple
     paths (folder; file names for builtin sets) or shard order with ``__key__`` as name (never
     split by rank or worker: every caller sees every image). Undecodable images are logged and
     counted in ``counter``. Raises DataError for an unusable source."""
+    for _, name, img in iter_indexed_images(spec, counter):
+        yield name, img
+
+
+def iter_indexed_images(spec: str, counter: SkipCounter | None = None, *, limit: int | None = None,
+                        shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, str, Image.Image]]:
+    """Like :func:`iter_images` with the position of each item in the fixed order, for
+    multi-process evaluation: process ``shard = (index, count)`` decodes only items
+    ``i % count == index`` among the first ``limit`` items, so ranks see disjoint sets that
+    together cover every item once. Undecodable items are counted by the rank that owns them."""
     counter = counter if counter is not None else SkipCounter()
+    index, count = shard
     if is_shard_source(spec):  # every sample once, in shard order, not split, not shuffled
         shards = wds.WebDataset(expand_shards(spec), shardshuffle=False, nodesplitter=None,
                                 workersplitter=None, empty_check=False, handler=_warn_and_continue)
@@ -252,13 +263,17 @@ def iter_images(spec: str, counter: SkipCounter | None = None) -> Iterator[tuple
     else:
         root, files = _resolve_files(spec)
         items = ((f.relative_to(root).as_posix(), partial(decode, f)) for f in files)
-    for name, load in items:
+    for i, (name, load) in enumerate(items):
+        if limit is not None and i >= limit:
+            break
+        if i % count != index:
+            continue
         img, reason = load()
         if img is None:
             counter.add(reason)
             logger.warning("skipping image %s: %s", name, reason)
             continue
-        yield name, img
+        yield i, name, img
 
 
 def _shard_train_dataset(cfg: DataConfig, seed: int) -> wds.WebDataset:

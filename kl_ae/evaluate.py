@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics.functional.image import (
@@ -43,7 +44,7 @@ from torchmetrics.functional.image import (
 )
 from tqdm import tqdm
 
-from kl_ae.data import iter_images
+from kl_ae.data import iter_indexed_images
 from kl_ae.images import SkipCounter, eval_transform
 from kl_ae.perceptual import LPIPSWeightsError, build_lpips
 
@@ -194,14 +195,50 @@ class AutoencoderReconstructor:
 
 
 def _batches(
-    images: str, resolution: int, batch_size: int, max_images: int | None, counter: SkipCounter
-) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(names, (b, 3, R, R) in [-1, 1]) batches in the data module's deterministic order."""
-    stream = itertools.islice(iter_images(images, counter), max_images)
+    images: str, resolution: int, batch_size: int, max_images: int | None, counter: SkipCounter,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[list[tuple[int, str]], torch.Tensor]]:
+    """([(index, name)], (b, 3, R, R) in [-1, 1]) batches in the data module's deterministic
+    order; with ``shard=(rank, world_size)`` only this rank's share of the first max_images."""
+    stream = iter_indexed_images(images, counter, limit=max_images, shard=shard)
     while chunk := list(itertools.islice(stream, batch_size)):
-        yield [name for name, _ in chunk], torch.stack(
-            [eval_transform(img, resolution) for _, img in chunk]
+        yield [(i, name) for i, name, _ in chunk], torch.stack(
+            [eval_transform(img, resolution) for _, _, img in chunk]
         )
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state. ``accelerate launch --cpu``/``ACCELERATE_USE_CPU=1`` runs
+    (multi-process CPU, gloo) are only recognised when asked for explicitly."""
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _gather(names: list, scores: dict, counter: SkipCounter) -> tuple[list, dict, SkipCounter]:
+    """Collect every rank's per-image results on every rank, in the single-process order.
+
+    Ranks evaluate disjoint images (``i % world_size == rank``), so after sorting by the image
+    index each image appears exactly once, as if one process had evaluated all of them.
+    """
+    from accelerate.utils import gather_object
+
+    parts = gather_object([{"names": names, "scores": scores, "skipped": counter.as_dict()}])
+    rows = []
+    for part in parts:
+        for j, name in enumerate(part["names"]):
+            rows.append((name, {k: {m: v[j] for m, v in d.items()} for k, d in part["scores"].items()}))
+    rows.sort(key=lambda row: row[0][0])
+    merged: dict = {k: {} for k in scores}
+    for _, per in rows:
+        for k, metrics in per.items():
+            for m, v in metrics.items():
+                merged[k].setdefault(m, []).append(v)
+    total = SkipCounter()
+    for part in parts:
+        for reason, n in part["skipped"].items():
+            total.add(reason, n)
+    return [name for name, _ in rows], merged, total
 
 
 def score_reconstructors(
@@ -301,8 +338,14 @@ def evaluate(
     max_images: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> dict:
     """Reconstruction metrics and encode/decode throughput of ``vae`` on ``images``.
+
+    distributed: split the images across the processes of an ``accelerate launch`` (each rank
+    evaluates every world_size-th image, results gathered on every rank). Every process must
+    call it; throughput is then rank 0's own, per process. max_images counts the first items of
+    the source, decodable or not.
 
     images: a spec for ``kl_ae.data.iter_images`` (folder, webdataset shards or 'builtin:val').
     The model is moved to ``device`` (default: CUDA if available, else CPU) in float32 and put
@@ -318,6 +361,10 @@ def evaluate(
             f"resolution {resolution} must be a multiple of the downsampling factor {f} "
             f"and at least {SSIM_KERNEL_SIZE} (the SSIM window)"
         )
+    state = process_state() if distributed else None
+    shard = (state.process_index, state.num_processes) if state else (0, 1)
+    if device is None and state is not None:
+        device = state.device
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if any(p.dtype != EVAL_DTYPE for p in vae.parameters()):
         vae = vae.to(dtype=EVAL_DTYPE)  # only then: diffusers warns about any dtype cast
@@ -331,8 +378,10 @@ def evaluate(
         reconstructors["bicubic"] = lambda x: bicubic(x, f)
     counter = SkipCounter()
     total = math.ceil(max_images / batch_size) if max_images else None
-    batches = _batches(images, resolution, batch_size, max_images, counter)
+    batches = _batches(images, resolution, batch_size, max_images, counter, shard)
     names, scores = score_reconstructors(reconstructors, batches, lpips, device, progress, total)
+    if shard[1] > 1:
+        names, scores, counter = _gather(names, scores, counter)
     if not names:
         raise ValueError(
             f"no usable image in {images!r} (skipped: {counter.as_dict() or 'none found'})"
@@ -350,9 +399,10 @@ def evaluate(
         report["lpips_skipped"] = lpips_reason
     report["per_image"] = [
         {"name": name, **{m: _json_float(v[i]) for m, v in scores["model"].items()}}
-        for i, name in enumerate(names)
+        for i, (_, name) in enumerate(names)
     ]
     report["throughput"] = {
+        "processes": shard[1],
         "device": str(device),
         "dtype": str(EVAL_DTYPE).removeprefix("torch."),
         "batch_size": batch_size,
@@ -417,15 +467,29 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(model: str, images: str, out: str | None = None, **kwargs) -> dict:
+def run(model: str, images: str, out: str | None = None, *, full_size: bool = False,
+        tile_size: int = 256, tile_above: int = 1024, **kwargs) -> dict:
     """Load ``model`` (diffusers export dir, run dir or checkpoint dir), evaluate it on
-    ``images`` (kwargs go to :func:`evaluate`), print the table, write the JSON report to
-    ``out`` (parent dirs created) if given, and return the report."""
+    ``images`` (kwargs go to :func:`evaluate`; split across processes under
+    ``accelerate launch``), print the table, write the JSON report to ``out`` (parent dirs
+    created) if given, and return the report. full_size: also reconstruct at native resolution,
+    tiled above ``tile_above`` px, with the measured PSNR cost of tiling (main process only;
+    see :mod:`kl_ae.tiling`), under the report's "full_size" key."""
     from kl_ae.export import load_autoencoder
 
-    report = evaluate(load_autoencoder(model), images, **kwargs)
+    vae = load_autoencoder(model)
+    report = evaluate(vae, images, distributed=True, **kwargs)
     report["model"]["path"] = str(model)
-    print(format_report(report))
+    if not process_state().is_main_process:
+        return report
+    text = format_report(report)
+    if full_size:
+        from kl_ae.tiling import format_full_size, full_size_report
+
+        report["full_size"] = full_size_report(vae, images, tile_size=tile_size, tile_above=tile_above,
+                                               max_images=kwargs.get("max_images"))
+        text += "\n" + format_full_size(report["full_size"])
+    print(text)
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,79 @@
+"""Evaluation at scale: split across two processes, and full-size tiled reconstruction."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from kl_ae.cli import main
+from kl_ae.tiling import full_size_report, tiled
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4,
+                         norm_num_groups=8)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (36 + 4 * i, 44, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    (root / "5_broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_tiled_context_restores_the_model():
+    vae = tiny_vae()
+    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    with tiled(vae, 16):
+        assert vae.use_tiling and vae.tile_sample_min_size == 16 and vae.tile_latent_min_size == 8
+    assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
+
+
+def test_full_size_compares_tiled_with_untiled(folder):
+    report = full_size_report(tiny_vae(), str(folder), tile_size=16, tile_above=48, progress=False)
+    rows = {r["name"]: r for r in report["per_image"]}
+    assert len(rows) == 5  # the broken file is skipped
+    small, large = rows["0.png"], rows["4.png"]  # 36x44 and 52x44: multiples of f=2, kept whole
+    assert (small["height"], small["width"]) == (36, 44)
+    assert small["psnr_tiling_cost_db"] == pytest.approx(small["psnr_untiled"] - small["psnr_tiled"])
+    assert "psnr_untiled" not in large and np.isfinite(large["psnr_tiled"])  # 52 > 48: tiled only
+    assert report["num_compared"] == sum("psnr_untiled" in r for r in rows.values())
+    with pytest.raises(ValueError, match="multiple"):
+        full_size_report(tiny_vae(), str(folder), tile_size=15)
+
+
+@pytest.mark.slow
+def test_two_process_eval_matches_one_process(folder, tmp_path):
+    export = tmp_path / "export"
+    tiny_vae().save_pretrained(export)
+    single = tmp_path / "single.json"
+    assert main(["eval", str(export), str(folder), "--out", str(single), "--resolution", "32",
+                 "--lpips-trunk", "none", "--batch-size", "2"]) == 0
+    double = tmp_path / "double.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kl_ae.cli",
+           "eval", str(export), str(folder), "--out", str(double), "--resolution", "32",
+           "--lpips-trunk", "none", "--batch-size", "2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert two["throughput"]["processes"] == 2 and one["throughput"]["processes"] == 1
+    assert [r["name"] for r in two["per_image"]] == [r["name"] for r in one["per_image"]]  # none dropped or doubled
+    assert two["num_images"] == one["num_images"] == 5
+    assert two["skipped"] == one["skipped"] == {"not_an_image": 1}
+    for a, b in zip(one["per_image"], two["per_image"]):
+        assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-3)
+        assert a["ssim"] == pytest.approx(b["ssim"], abs=1e-4)
