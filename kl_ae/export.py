@@ -97,7 +97,10 @@ def compute_latent_factors(
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
     """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors)."""
     out_dir = Path(out_dir)
-    vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"])
+    # sample_size only sets diffusers' tile size (enable_tiling); tiles of the training crop
+    # size keep GroupNorm statistics closest to what the model was trained on.
+    vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"],
+                           sample_size=int(factors["resolution"]))
     vae.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "latent_stats.json").write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
     logger.info(
