@@ -160,6 +160,8 @@ class TrainConfig:
     """Steps between checkpoints (a final one is always written)."""
     scaling_images: int = 64
     """Training images encoded to compute scaling_factor / shift_factor at export."""
+    max_nonfinite_steps: int = 10
+    """Consecutive steps with a NaN/Inf loss or gradient (each skips its update) before the run stops."""
     tracker: str = "tensorboard"
     """Accelerate tracker name ('tensorboard', 'wandb', ...) or 'none'."""
 
@@ -198,7 +200,7 @@ class Config:
         if t.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {t.mixed_precision!r}")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
-                    "image_every", "checkpoint_every"):
+                    "image_every", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
         if not 0.0 <= t.ema_decay < 1.0:

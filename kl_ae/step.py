@@ -31,16 +31,24 @@ class StepModels:
 
 
 def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, optimizer, scheduler,
-            max_grad_norm: float) -> None:
-    """Backward, optional clipping, optimizer and scheduler step, zero_grad. Under gradient
-    accumulation Accelerate's optimizer only steps (and zeroes) on the last micro-batch."""
+            max_grad_norm: float) -> torch.Tensor | None:
+    """Backward; on the last micro-batch: gradient norm (clipped if max_grad_norm > 0), then the
+    optimizer and scheduler step only if that norm is finite, then zero_grad.
+
+    Returns the gradient norm (a tensor; None between accumulation micro-batches). A NaN/Inf
+    loss or gradient on any rank makes the all-reduced norm non-finite on every rank, so all
+    ranks skip the same update. Reading it costs one host synchronisation per step.
+    """
     accelerator.backward(loss)
-    if max_grad_norm > 0 and accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
-    optimizer.step()
-    if accelerator.sync_gradients:
+    if not accelerator.sync_gradients:
+        return None
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(module.parameters(), limit)
+    if torch.isfinite(norm):
+        optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm.detach()
 
 
 def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, step: int,
@@ -48,8 +56,8 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     """Reconstruct, compute nll + kl_weight * KL (+ adaptive GAN term after disc_start), update.
 
     x: (B, 3, H, W) float in [-1, 1]. Returns the detached reconstruction and a dict of
-    detached scalar tensors (no host synchronisation here; read them at log time).
-    The discriminator is called with its parameters frozen, so this step leaves no gradient on it.
+    detached scalar tensors (read at log time; the one host synchronisation is the finiteness
+    check of the gradient norm, see ``_update``). The discriminator is called with its parameters frozen, so this step leaves no gradient on it.
     """
     ae = accelerator.unwrap_model(m.autoencoder)
     with accelerator.autocast():
@@ -82,7 +90,9 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
         d_weight = losses.adaptive_generator_weight(nll, g_loss, ae.last_layer, cfg.disc_weight)
         loss = loss + d_weight * disc_factor * g_loss
         out.update({"loss/g": g_loss.detach(), "disc/adaptive_weight": d_weight})
-    _update(accelerator, loss, m.autoencoder, m.opt_ae, m.sched_ae, max_grad_norm)
+    norm = _update(accelerator, loss, m.autoencoder, m.opt_ae, m.sched_ae, max_grad_norm)
+    if norm is not None:
+        out["optim/ae_grad_norm"] = norm
     out["loss/total"] = loss.detach()
     with torch.no_grad():
         out["latent/mu_mean"] = posterior.mean.float().mean()  # mean of the posterior means
@@ -105,6 +115,9 @@ def discriminator_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor,
         logits_real, logits_fake = m.discriminator(x, reconstruction.detach())
     logits_real, logits_fake = logits_real.float(), logits_fake.float()
     d_loss = disc_factor * losses.discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
-    _update(accelerator, d_loss, m.discriminator, m.opt_disc, m.sched_disc, max_grad_norm)
-    return {"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
-            "disc/logits_fake": logits_fake.detach().mean()}
+    norm = _update(accelerator, d_loss, m.discriminator, m.opt_disc, m.sched_disc, max_grad_norm)
+    out = {"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
+           "disc/logits_fake": logits_fake.detach().mean()}
+    if norm is not None:
+        out["optim/disc_grad_norm"] = norm
+    return out

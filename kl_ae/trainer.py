@@ -36,6 +36,10 @@ logger = logging.getLogger("kl_ae")
 ADAM_BETAS = (0.5, 0.9)  # LDM/taming GAN setting, for both optimizers
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the latest checkpoint is the last good state."""
+
+
 def scaled_learning_rate(cfg: Config, num_processes: int) -> float:
     """LDM's rule (main.py ``--scale_lr``, on by default): lr = accumulation * processes * batch * base_lr.
 
@@ -208,7 +212,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
 
 def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch) -> None:
     t = cfg.train
-    counters = {"upscaled": 0, "skipped": 0}
+    counters = {"upscaled": 0, "skipped": 0, "nonfinite_ae": 0, "nonfinite_disc": 0, "consecutive": 0}
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
@@ -226,7 +230,8 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch
         if not accelerator.sync_gradients:
             continue
         step += 1
-        if ema is not None:
+        ae_ok = _check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
+        if ema is not None and ae_ok:
             ema.step(vae.parameters())
         scalars = {**scalars_ae, **scalars_d}
         bar.update(1)
@@ -248,6 +253,32 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch
     accelerator.wait_for_everyone()
 
 
+def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, limit: int,
+                  run_dir: Path) -> bool:
+    """Count updates skipped for a non-finite gradient norm; stop after ``limit`` in a row.
+
+    Returns whether the autoencoder was updated. Raises TrainingDiverged (before any checkpoint
+    of the bad state is written) after ``limit`` consecutive bad steps.
+    """
+    ae_ok = bool(torch.isfinite(scalars_ae["optim/ae_grad_norm"]))
+    d_ok = "optim/disc_grad_norm" not in scalars_d or bool(torch.isfinite(scalars_d["optim/disc_grad_norm"]))
+    counters["nonfinite_ae"] += not ae_ok
+    counters["nonfinite_disc"] += not d_ok
+    counters["consecutive"] = 0 if ae_ok and d_ok else counters["consecutive"] + 1
+    if counters["consecutive"]:
+        bad = [name for name, ok in (("autoencoder", ae_ok), ("discriminator", d_ok)) if not ok]
+        logger.warning("step %d: non-finite loss or gradient in the %s; update skipped (%d in a row)",
+                       step, " and ".join(bad), counters["consecutive"])
+    if counters["consecutive"] >= limit:
+        raise TrainingDiverged(
+            f"{limit} consecutive steps with a non-finite loss or gradient (up to step {step}); stopped "
+            f"without saving this state. The last good checkpoint is {run_dir / 'checkpoints'} (latest): "
+            "resume from it with a lower optim.base_learning_rate, optim.max_grad_norm > 0, or "
+            "train.mixed_precision=no"
+        )
+    return ae_ok
+
+
 def _log_metrics(accelerator, scalars: dict, step: int, epoch: int, counters: dict, images_per_s: float,
                  models: StepModels) -> dict:
     """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
@@ -260,6 +291,8 @@ def _log_metrics(accelerator, scalars: dict, step: int, epoch: int, counters: di
         "data/epoch": epoch,
         "data/upscaled": counters["upscaled"],
         "data/skipped": counters["skipped"],
+        "optim/nonfinite_ae_steps": counters["nonfinite_ae"],
+        "optim/nonfinite_disc_steps": counters["nonfinite_disc"],
     })
     if any(not math.isfinite(v) for v in metrics.values()):
         logger.warning("non-finite value at step %d: %s", step, metrics)

@@ -1,0 +1,71 @@
+"""Non-finite losses: skipped, counted and logged; persistent ones stop the run with the last good checkpoint intact."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kl_ae import losses
+from kl_ae.config import load_config
+from kl_ae.trainer import TrainingDiverged, train
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    return tmp_path
+
+
+def config(photos, run_dir, steps, **extra):
+    overrides = [
+        "model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8",
+        f"data.train={photos}", "data.resolution=32", "data.num_workers=0", f"train.output_dir={run_dir}",
+        f"train.max_steps={steps}", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+        "train.checkpoint_every=1", "train.log_every=1", "train.mixed_precision=no", "train.scaling_images=2",
+        "train.tracker=none", "loss.perceptual_weight=0", "loss.disc_start=1000",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+def nan_kl_on_calls(monkeypatch, bad_calls):
+    calls = {"n": 0}
+    real = losses.kl_loss
+
+    def kl(posterior):
+        calls["n"] += 1
+        value = real(posterior)
+        return value * float("nan") if calls["n"] in bad_calls else value
+
+    monkeypatch.setattr(losses, "kl_loss", kl)
+
+
+def test_a_nan_step_is_skipped_counted_and_logged(photos, tmp_path, monkeypatch):
+    nan_kl_on_calls(monkeypatch, {2})
+    run_dir = tmp_path / "run"
+    train(config(photos, run_dir, 3))
+    step1 = load_file(str(run_dir / "checkpoints/step-0000001/model.safetensors"))
+    step2 = load_file(str(run_dir / "checkpoints/step-0000002/model.safetensors"))
+    step3 = load_file(str(run_dir / "checkpoints/step-0000003/model.safetensors"))
+    assert all(torch.equal(step1[k], step2[k]) for k in step1)  # the NaN update was not applied
+    assert any(not torch.equal(step2[k], step3[k]) for k in step2)  # training went on
+    assert all(torch.isfinite(v).all() for v in step3.values())
+    log = (run_dir / "train.log").read_text()
+    assert "step 2: non-finite loss or gradient in the autoencoder; update skipped" in log
+    step3_line = next(line for line in log.splitlines() if "INFO kl_ae: step 3 " in line)
+    assert "optim/nonfinite_ae_steps=1 " in step3_line
+
+
+def test_persistent_nans_stop_with_the_last_good_checkpoint(photos, tmp_path, monkeypatch):
+    nan_kl_on_calls(monkeypatch, set(range(3, 100)))
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        train(config(photos, run_dir, 10, **{"train.max_nonfinite_steps": 2}))
+    # step 3 skipped its update (a good state, saved); step 4 was the second bad one: not saved
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-0000003"
+    assert not (run_dir / "checkpoints/step-0000004").exists()
+    good = load_file(str(run_dir / "checkpoints/step-0000003/model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert not (run_dir / "export").exists()
