@@ -56,7 +56,7 @@ def test_discriminator_step_leaves_no_gradient_on_autoencoder():
     rec, _ = m.autoencoder(x)  # NOT detached: the step itself must detach it
     before = _params_snapshot(m.discriminator)
     out = discriminator_step(acc, m, x, rec, step=0, cfg=cfg)
-    assert set(out) == {"disc/loss", "disc/logits_real", "disc/logits_fake"}
+    assert {"disc/loss", "disc/logits_real", "disc/logits_fake", "optim/disc_grad_norm"} == set(out)
     assert all(p.grad is None for p in m.autoencoder.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, m.discriminator.parameters()))
 
