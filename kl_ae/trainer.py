@@ -27,6 +27,7 @@ from kl_ae.config import Config, save_config
 from kl_ae.data import build_train_dataloader, is_shard_source
 from kl_ae.export import compute_latent_factors, save_export
 from kl_ae.grids import pair_grid, save_grid
+from kl_ae.images import DataError, SkipCounter
 from kl_ae.model import AutoencoderWrapper, build_autoencoder, build_discriminator, count_parameters
 from kl_ae.perceptual import build_lpips, resolve_vgg16_trunk
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
@@ -82,12 +83,14 @@ def _batches(loader, counters: dict):
         for batch in loader:
             counters["upscaled"] += int(batch["num_upscaled"])
             counters["skipped"] += int(batch["num_skipped"])
+            for reason, n in batch["skip_reasons"].items():
+                counters["skip_reasons"].add(reason, n)
             if batch["pixel_values"].shape[0] == 0:
                 continue
             seen += 1
             yield epoch, batch["pixel_values"]
         if seen == 0:
-            raise RuntimeError("the training data yielded no usable image in a whole epoch")
+            raise DataError(f"no usable training image in a whole epoch: {counters['skip_reasons'].summary()}")
         epoch += 1
 
 
@@ -212,7 +215,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
 
 def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch) -> None:
     t = cfg.train
-    counters = {"upscaled": 0, "skipped": 0, "nonfinite_ae": 0, "nonfinite_disc": 0, "consecutive": 0}
+    counters = {"upscaled": 0, "skipped": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0, "nonfinite_disc": 0, "consecutive": 0}
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
@@ -246,11 +249,27 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch
             save_checkpoint(accelerator, run_dir, step, epoch, ema, vae)
             last_saved = step
     bar.close()
+    _log_data_summary(accelerator, counters)
     if last_saved != step:
         save_checkpoint(accelerator, run_dir, step, epoch, ema, vae)
     if accelerator.is_main_process:
         _finish(cfg, run_dir, vae, ema, step)
     accelerator.wait_for_everyone()
+
+
+def _log_data_summary(accelerator: Accelerator, counters: dict) -> None:
+    """Per-reason counts of unusable training images over all processes (logged on rank 0)."""
+    from accelerate.utils import gather_object
+
+    total = SkipCounter()
+    for part in gather_object([counters["skip_reasons"].as_dict()]):
+        for reason, n in part.items():
+            total.add(reason, n)
+    upscaled = sum(gather_object([counters["upscaled"]]))
+    if accelerator.is_main_process:
+        logger.info("training data, counted over all epochs: %s; %d crops came from images upscaled "
+                    "to the crop size",
+                    total.summary() if total.total else "no image skipped", upscaled)
 
 
 def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, limit: int,

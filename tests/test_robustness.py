@@ -69,3 +69,27 @@ def test_persistent_nans_stop_with_the_last_good_checkpoint(photos, tmp_path, mo
     good = load_file(str(run_dir / "checkpoints/step-0000003/model.safetensors"))
     assert all(torch.isfinite(v).all() for v in good.values())
     assert not (run_dir / "export").exists()
+
+
+def test_unusable_training_images_are_skipped_and_counted_by_reason(photos, tmp_path):
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("not an image")
+    run_dir = tmp_path / "run"
+    train(config(photos, run_dir, 2))
+    log = (run_dir / "train.log").read_text()
+    assert "training data, counted over all epochs: skipped" in log
+    assert "empty_file=" in log and "not_an_image=" in log
+
+
+def test_no_usable_training_image_is_one_clear_error(tmp_path):
+    from kl_ae.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"")
+    (bad / "b.png").write_text("text")
+    code = main(["train", "--set", f"data.train={bad}", "--set", f"train.output_dir={tmp_path / 'run'}",
+                 "--set", "model.block_out_channels=[8,16]", "--set", "model.norm_num_groups=8",
+                 "--set", "data.resolution=32", "--set", "data.num_workers=0", "--set", "loss.perceptual_weight=0",
+                 "--set", "train.mixed_precision=no"])
+    assert code == 2
