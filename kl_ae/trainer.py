@@ -122,6 +122,17 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, epoch: i
     accelerator.wait_for_everyone()
 
 
+def _checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """``--resume latest`` in a run without a checkpoint yet starts from scratch (so a job
+    script can always pass it); an explicit checkpoint directory must exist."""
+    if not resume:
+        return None
+    if resume == ckpt_io.LATEST and not (run_dir / "checkpoints" / ckpt_io.LATEST).is_file():
+        logger.info("--resume latest: no checkpoint in %s yet, starting from scratch", run_dir)
+        return None
+    return ckpt_io.resolve_checkpoint(resume, run_dir)
+
+
 def _build(cfg: Config, accelerator: Accelerator):
     """Models, losses' LPIPS, optimizers and schedulers, before Accelerate's prepare."""
     perceptual, perceptual_name = None, "lpips"
@@ -197,15 +208,16 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
 
     step, start_epoch = 0, 0
-    if resume:
-        ckpt = ckpt_io.resolve_checkpoint(resume, run_dir)
-        accelerator.load_state(str(ckpt))
+    ckpt = _checkpoint_to_resume(resume, run_dir)
+    if ckpt is None:
+        set_seed(t.seed, device_specific=True)  # different noise and crops on every rank
+    else:
+        accelerator.load_state(str(ckpt))  # also restores every rank's RNG states
         if ema is not None and (ckpt / ckpt_io.EMA_WEIGHTS).is_file():
             ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
         state = ckpt_io.read_loop_state(ckpt)
         step, start_epoch = state["step"], state["epoch"]
         logger.info("resumed from %s at step %d", ckpt, step)
-    set_seed(t.seed + step, device_specific=True)  # different noise per rank (and per resume point)
 
     if accelerator.is_main_process and t.tracker != "none":
         accelerator.init_trackers("kl-ae", config=_tracker_config(cfg))
