@@ -30,15 +30,26 @@ def _export(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from kl_ae.evaluate import run
 
+    from kl_ae.evaluate import process_state
+
     run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
-        lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images)
-    if args.grid:
+        lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,
+        full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above)
+    if args.grid and process_state().is_main_process:
         from kl_ae.export import load_autoencoder
         from kl_ae.grids import reconstruction_grid
 
         path = reconstruction_grid(load_autoencoder(args.model), args.images, args.grid,
                                    resolution=args.resolution, max_images=args.grid_images)
         print(f"input | reconstruction grid: {path}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from kl_ae.bench import run_bench
+
+    run_bench(args.models, args.images, args.out, resolution=args.resolution, batch_size=args.batch_size,
+              max_images=args.max_images, lpips_trunk=args.lpips_trunk,
+              codecs=[c.strip() for c in args.codecs.split(",") if c.strip()], grid_images=args.grid_images)
 
 
 def _shards(args: argparse.Namespace) -> None:
@@ -80,9 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true",
                    help="also report the mean-colour and bicubic down/up baselines")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--full-size", action="store_true",
+                   help="also reconstruct at native resolution (tiled above --tile-above) and measure "
+                        "the PSNR cost of tiling on images small enough for both")
+    p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels for --full-size")
+    p.add_argument("--tile-above", type=int, default=1024,
+                   help="with --full-size, images with a side above this many pixels are only decoded tiled")
     p.add_argument("--grid", default=None, metavar="FILE.png", help="also write an input | reconstruction grid")
     p.add_argument("--grid-images", type=int, default=4, help="images in the grid (the first ones)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="autoencoders vs JPEG/WebP/... at matched bits per pixel")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="diffusers AutoencoderKL directories, run directories or checkpoints")
+    p.add_argument("--images", required=True, help="image folder, shard pattern or builtin:val")
+    p.add_argument("--out", required=True, help="output folder: bench.md, bench.csv, bench.json, rd.png, grids")
+    p.add_argument("--resolution", type=int, default=256, help="resize short side + center crop size (px)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--lpips-trunk", default="auto",
+                   help="VGG16 trunk: auto (torchvision cache), a file path, none, or random (reported as lpips_random_trunk)")
+    p.add_argument("--codecs", default="jpeg,webp",
+                   help="comma-separated codec baselines: jpeg, webp, avif, jpeg2000 (unavailable ones are skipped)")
+    p.add_argument("--grid-images", type=int, default=4,
+                   help="images in each grid_<model>.png (input | reconstruction | 5x difference); 0 disables")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("shards", help="pack a folder of images into webdataset shards")
     p.add_argument("src", help="folder of images (searched recursively)")
@@ -103,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"kl-ae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from kl_ae.trainer import TrainingDiverged
+
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"kl-ae {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -44,3 +44,18 @@ def reconstruction_grid(vae, images: str, path: str | Path, *, resolution: int =
     x = torch.stack(crops).to(device, torch.float32)
     x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
     return save_grid(pair_grid(x, x_hat, max_rows=max_images), path)
+
+
+def difference_grid(x: torch.Tensor, x_hat: torch.Tensor, amplify: float = 5.0,
+                    max_rows: int = 4) -> torch.Tensor:
+    """Rows of ``input | reconstruction | amplified difference``, to see where the errors sit.
+
+    x, x_hat: (B, 3, H, W) in [-1, 1] (clamped). The difference panel is |x − x̂| in [0, 1]
+    units (half the [-1, 1] difference) times ``amplify``, clamped to [0, 1], per RGB channel:
+    black where the images agree. Returns (3, H', W') in [0, 1] for the first ``max_rows`` images.
+    """
+    n = min(max_rows, x.shape[0])
+    a = (x[:n].float().cpu().clamp(-1, 1) + 1) / 2
+    b = (x_hat[:n].float().cpu().clamp(-1, 1) + 1) / 2
+    diff = ((a - b).abs() * amplify).clamp(0, 1)
+    return make_grid(torch.stack([a, b, diff], dim=1).flatten(0, 1), nrow=3, padding=2)

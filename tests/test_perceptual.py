@@ -163,6 +163,68 @@ def test_lpips_passes_gradient_and_ignores_train_mode(random_lpips):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_only_vgg_supported():
+def test_only_vgg_and_alex_supported():
     with pytest.raises(ValueError, match="vgg"):
-        build_lpips("random", net="alex")
+        build_lpips("random", net="squeeze")
+
+
+# --- AlexNet trunk (net="alex") -----------------------------------------------------------------
+
+from kl_ae.perceptual import ALEXNET_FILENAME, ALEXNET_SHA256, resolve_trunk  # noqa: E402
+
+ALEX_CONV_INDICES = [0, 3, 6, 8, 10]
+
+
+@pytest.fixture(scope="module")
+def synthetic_alex_trunk(tmp_path_factory):
+    """torchvision's AlexNet state dict with random weights, classifier dropped (10 MB)."""
+    path = tmp_path_factory.mktemp("alex") / ALEXNET_FILENAME
+    torch.manual_seed(1)
+    full = torchvision.models.alexnet(weights=None).state_dict()
+    state = {k: v for k, v in full.items() if k.startswith("features.")}
+    torch.save(state, path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest(), state
+
+
+def test_alexnet_hash_has_torchvision_prefix():
+    assert ALEXNET_SHA256.startswith(ALEXNET_FILENAME.removesuffix(".pth").rsplit("-", 1)[1])
+    assert len(ALEXNET_SHA256) == 64 and int(ALEXNET_SHA256, 16) >= 0
+
+
+def test_synthetic_alex_trunk_loads_into_lpips_slices(synthetic_alex_trunk, empty_torch_home):
+    path, digest, state = synthetic_alex_trunk
+    model, name = build_lpips(str(path), net="alex", expected_sha256=digest)
+    assert name == "lpips_alex"
+    trunk = dict(model.net.named_parameters())
+    assert len(trunk) == 2 * len(ALEX_CONV_INDICES)
+    for i in ALEX_CONV_INDICES:
+        for kind in ("weight", "bias"):
+            (key,) = [k for k in trunk if k.endswith(f".{i}.{kind}")]
+            assert torch.equal(trunk[key], state[f"features.{i}.{kind}"]), key
+    assert all(not p.requires_grad for p in model.parameters()) and not model.training
+    x, y = _images(4), _images(5)
+    with torch.no_grad():
+        assert torch.allclose(model(x, x.clone()), torch.zeros(2, 1, 1, 1), atol=1e-6)
+        assert torch.all(model(x, y) > 0)
+    # 'auto' finds the same file in torchvision's cache
+    cache = empty_torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / ALEXNET_FILENAME).symlink_to(path)
+    assert resolve_trunk("auto", "alex", expected_sha256=digest) == cache / ALEXNET_FILENAME
+
+
+def test_missing_alex_file_names_the_alexnet_file(empty_torch_home):
+    with pytest.raises(LPIPSWeightsError) as info:
+        build_lpips("auto", net="alex")
+    msg = str(info.value)
+    assert str(empty_torch_home / "hub" / "checkpoints" / ALEXNET_FILENAME) in msg
+    assert ALEXNET_SHA256 in msg and "alexnet(weights='IMAGENET1K_V1')" in msg
+    assert VGG16_FILENAME not in msg
+
+
+def test_alex_wrong_hash_and_random_name(synthetic_alex_trunk):
+    path, _, _ = synthetic_alex_trunk
+    with pytest.raises(LPIPSWeightsError, match=ALEXNET_SHA256):
+        build_lpips(str(path), net="alex")  # the real file's hash is expected by default
+    _, name = build_lpips("random", net="alex")
+    assert name == "lpips_alex_random_trunk"
