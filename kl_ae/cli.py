@@ -34,7 +34,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
         lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,
-        full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above)
+        full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above,
+        lpips_net=args.lpips_net, rfid_weights=args.rfid_weights)
     if args.grid and process_state().is_main_process:
         from kl_ae.export import load_autoencoder
         from kl_ae.grids import reconstruction_grid
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true",
                    help="also report the mean-colour and bicubic down/up baselines")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"],
+                   help="LPIPS network (vgg: the LDM loss and most published tables; alex: reported as lpips_alex)")
+    p.add_argument("--rfid-weights", default=None, metavar="PATH|none",
+                   help="Inception weights for rFID (default: $TORCH_HOME/hub/checkpoints/"
+                        "pt_inception-2015-12-05-6726825d.pth); without them rFID is reported as skipped")
     p.add_argument("--full-size", action="store_true",
                    help="also reconstruct at native resolution (tiled above --tile-above) and measure "
                         "the PSNR cost of tiling on images small enough for both")

@@ -152,9 +152,10 @@ class AutoencoderReconstructor:
     the device is synchronised around each timed part. Call under ``torch.inference_mode()``.
     """
 
-    def __init__(self, vae: AutoencoderKL, device: torch.device):
+    def __init__(self, vae: AutoencoderKL, device: torch.device, probe: Callable | None = None):
         self.vae = vae
         self.device = device
+        self.probe = probe  # called as probe(vae, x, posterior, x_hat) after each batch, untimed
         self.timings: list[tuple[int, float, float]] = []  # (images, encode s, decode s) per call
 
     def _now(self) -> float:
@@ -164,11 +165,14 @@ class AutoencoderReconstructor:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t0 = self._now()
-        z = self.vae.encode(x).latent_dist.mode()
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mode()
         t1 = self._now()
         x_hat = self.vae.decode(z).sample
         t2 = self._now()
         self.timings.append((x.shape[0], t1 - t0, t2 - t1))
+        if self.probe is not None:
+            self.probe(self.vae, x, posterior, x_hat)
         return x_hat
 
     def throughput(self) -> dict:
@@ -282,15 +286,16 @@ def summarise(values: dict[str, list[float]]) -> dict:
     return out
 
 
-def _protocol(resolution: int, lpips_name: str | None, lpips_reason: str | None) -> dict:
+def _protocol(resolution: int, lpips_name: str | None, lpips_reason: str | None,
+              lpips_net: str = LPIPS_NET) -> dict:
     if lpips_name is None:
         lpips_text = f"skipped: {lpips_reason}"
     else:
         lpips_text = (
-            f"{lpips_name}: LPIPS v0.1 ({LPIPS_NET}) via kl_ae.perceptual.build_lpips on the "
+            f"{lpips_name}: LPIPS v0.1 ({lpips_net}) via kl_ae.perceptual.build_lpips on the "
             "8-bit images mapped back to [-1, 1]"
         )
-        if lpips_name != "lpips":
+        if lpips_name.endswith("random_trunk"):
             lpips_text += " -- RANDOM trunk weights: not LPIPS, not comparable to LPIPS"
     return {
         "text": (
@@ -309,19 +314,19 @@ def _protocol(resolution: int, lpips_name: str | None, lpips_reason: str | None)
         "ssim": "torchmetrics structural_similarity_index_measure, gaussian 11x11 sigma 1.5, "
         "K1 0.01, K2 0.03, data range 1.0, mean over RGB and pixels (Wang et al. 2004)",
         "lpips": lpips_text,
-        "lpips_net": LPIPS_NET,
+        "lpips_net": lpips_net,
         "baselines": BASELINE_DESCRIPTIONS,
     }
 
 
 def _load_lpips(
-    trunk: str | None, device: torch.device
+    trunk: str | None, device: torch.device, net: str = LPIPS_NET
 ) -> tuple[tuple[nn.Module, str] | None, str | None]:
     """(module, name) or None with the reason LPIPS is skipped."""
     if trunk is None or trunk == "none":
         return None, "disabled (lpips_trunk=None)"
     try:
-        module, name = build_lpips(trunk=trunk, net=LPIPS_NET)
+        module, name = build_lpips(trunk=trunk, net=net)
     except LPIPSWeightsError as err:
         return None, f"LPIPS trunk weights unavailable: {err}"
     return (module.to(device=device, dtype=EVAL_DTYPE).eval(), name), None
@@ -339,13 +344,18 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = True,
     distributed: bool = False,
+    latent: bool = True,
+    rfid_weights: str | None = None,
+    lpips_net: str = LPIPS_NET,
 ) -> dict:
     """Reconstruction metrics and encode/decode throughput of ``vae`` on ``images``.
 
     distributed: split the images across the processes of an ``accelerate launch`` (each rank
     evaluates every world_size-th image, results gathered on every rank). Every process must
     call it; throughput is then rank 0's own, per process. max_images counts the first items of
-    the source, decodable or not.
+    the source, decodable or not. latent: add the latent report (kl_ae.latent) under "latent".
+    rfid_weights: Inception weights for rFID (None: the default location; "none": skip); without
+    them the report says "rfid_skipped" and gives no number. lpips_net: "vgg" or "alex".
 
     images: a spec for ``kl_ae.data.iter_images`` (folder, webdataset shards or 'builtin:val').
     The model is moved to ``device`` (default: CUDA if available, else CPU) in float32 and put
@@ -369,9 +379,14 @@ def evaluate(
     if any(p.dtype != EVAL_DTYPE for p in vae.parameters()):
         vae = vae.to(dtype=EVAL_DTYPE)  # only then: diffusers warns about any dtype cast
     vae = vae.to(device).eval()
-    lpips, lpips_reason = _load_lpips(lpips_trunk, device)
+    lpips, lpips_reason = _load_lpips(lpips_trunk, device, lpips_net)
 
-    model = AutoencoderReconstructor(vae, device)
+    probe = None
+    if latent:
+        from kl_ae.eval_latent import LatentProbe
+
+        probe = LatentProbe(vae.config.latent_channels, device, seed=shard[0], rfid_weights=rfid_weights)
+    model = AutoencoderReconstructor(vae, device, probe)
     reconstructors: dict[str, Reconstructor] = {"model": model}
     if baselines:
         reconstructors["mean_colour"] = mean_colour
@@ -388,7 +403,7 @@ def evaluate(
         )
 
     report = {
-        "protocol": _protocol(resolution, lpips[1] if lpips else None, lpips_reason),
+        "protocol": _protocol(resolution, lpips[1] if lpips else None, lpips_reason, lpips_net),
         "images": images,
         "num_images": len(names),
         "skipped": counter.as_dict(),
@@ -410,6 +425,8 @@ def evaluate(
     }
     if baselines:
         report["baselines"] = {k: summarise(scores[k]) for k in BASELINE_DESCRIPTIONS}
+    if probe is not None:
+        report.update(probe.report(distributed=shard[1] > 1))
     return report
 
 
@@ -464,6 +481,9 @@ def format_report(report: dict) -> str:
     lines.append(
         "skipped: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) if skipped else "none")
     )
+    from kl_ae.eval_latent import format_latent
+
+    lines += format_latent(report)
     return "\n".join(lines)
 
 

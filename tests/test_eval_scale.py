@@ -74,6 +74,26 @@ def test_two_process_eval_matches_one_process(folder, tmp_path):
     assert [r["name"] for r in two["per_image"]] == [r["name"] for r in one["per_image"]]  # none dropped or doubled
     assert two["num_images"] == one["num_images"] == 5
     assert two["skipped"] == one["skipped"] == {"not_an_image": 1}
+    for key in ("kl_nats_per_element", "rate_bits_per_pixel"):  # from posterior moments: deterministic
+        assert two["latent"][key] == pytest.approx(one["latent"][key], rel=1e-5)
+    assert two["latent"]["images"] == 5 and two["latent"]["decoder_robustness"]["images"] == 5
     for a, b in zip(one["per_image"], two["per_image"]):
         assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-3)
         assert a["ssim"] == pytest.approx(b["ssim"], abs=1e-4)
+
+
+def test_eval_report_has_latent_section_and_rfid_skip(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights"))
+    export = tmp_path / "export"
+    tiny_vae().save_pretrained(export)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(export), str(folder), "--out", str(out), "--resolution", "32"]) == 0
+    report = json.loads(out.read_text())  # strict JSON: no NaN/inf anywhere
+    lat = report["latent"]
+    assert lat["images"] == 5 and len(lat["z_mean_per_channel"]) == 4
+    assert lat["scaling_factor"] == pytest.approx(1 / lat["z_std"])
+    assert 0 <= lat["active_channels"] <= 4 and lat["rate_bits_per_pixel"] > 0
+    assert set(lat["decoder_robustness"]) >= {"psnr_sigma_0", "psnr_sigma_0.1", "psnr_sigma_1", "images"}
+    assert "rfid" not in report and "no weights at" in report["rfid_skipped"]
+    text = capsys.readouterr().out
+    assert "rFID: skipped, no weights at" in text and "active channels" in text
