@@ -63,7 +63,9 @@ def full_size_report(vae: AutoencoderKL, images: str, *, tile_size: int = 256, t
     if tile_size % f or tile_size <= 0:
         raise ValueError(f"tile_size {tile_size} must be a positive multiple of the downsampling factor {f}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = vae.to(device=device, dtype=torch.float32).eval()
+    if any(p.dtype != torch.float32 for p in vae.parameters()):
+        vae = vae.to(dtype=torch.float32)  # only then: diffusers warns about any dtype cast
+    vae = vae.to(device).eval()
     rows = []
     for n, (name, img) in enumerate(tqdm(iter_images(images), desc="full size", disable=not progress)):
         if max_images is not None and n >= max_images:
