@@ -41,8 +41,9 @@ def _eval(args: argparse.Namespace) -> None:
         from kl_ae.grids import reconstruction_grid
 
         path = reconstruction_grid(load_autoencoder(args.model), args.images, args.grid,
-                                   resolution=args.resolution, max_images=args.grid_images)
-        print(f"input | reconstruction grid: {path}")
+                                   resolution=args.resolution, max_images=args.grid_images,
+                                   amplify=args.grid_amplify)
+        print(f"input | reconstruction{' | amplified difference' if args.grid_amplify else ''} grid: {path}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --full-size, images with a side above this many pixels are only decoded tiled")
     p.add_argument("--grid", default=None, metavar="FILE.png", help="also write an input | reconstruction grid")
     p.add_argument("--grid-images", type=int, default=4, help="images in the grid (the first ones)")
+    p.add_argument("--grid-amplify", type=float, default=5.0,
+                   help="third grid column: |input - reconstruction| times this (0: two columns only)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("bench", help="autoencoders vs JPEG/WebP/... at matched bits per pixel")

@@ -27,9 +27,11 @@ def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
 
 @torch.inference_mode()
 def reconstruction_grid(vae, images: str, path: str | Path, *, resolution: int = 256,
-                        max_images: int = 4) -> Path:
+                        max_images: int = 4, amplify: float | None = None) -> Path:
     """Grid of the first ``max_images`` images of ``images`` (eval protocol crops) and their
-    reconstructions decode(posterior mode), written to ``path``."""
+    reconstructions decode(posterior mode), written to ``path``; with ``amplify`` a third
+    column shows |x - x̂| times amplify (:func:`difference_grid`). To show chosen images, point
+    ``images`` at a folder holding them."""
     from kl_ae.data import iter_images
     from kl_ae.images import eval_transform
 
@@ -43,6 +45,8 @@ def reconstruction_grid(vae, images: str, path: str | Path, *, resolution: int =
     device = next(vae.parameters()).device
     x = torch.stack(crops).to(device, torch.float32)
     x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    if amplify:
+        return save_grid(difference_grid(x, x_hat, amplify=amplify, max_rows=max_images), path)
     return save_grid(pair_grid(x, x_hat, max_rows=max_images), path)
 
 

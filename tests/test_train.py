@@ -96,7 +96,7 @@ def test_eval_command_writes_psnr_ssim(trained_run, photos, tmp_path):
     grid = tmp_path / "grid.png"
     assert main(["eval", str(trained_run / "export"), str(photos), "--out", str(out), "--resolution", "32",
                  "--grid", str(grid), "--grid-images", "3"]) == 0
-    assert Image.open(grid).size == (2 + 2 * 34, 2 + 3 * 34)  # 2 columns x 3 rows of 32 px, padding 2
+    assert Image.open(grid).size == (2 + 3 * 34, 2 + 3 * 34)  # input | reconstruction | 5x difference, 3 rows
     report = json.loads(out.read_text())
     assert len(report["per_image"]) == 6
     assert {"psnr", "ssim"} <= set(report["metrics"])
