@@ -110,3 +110,17 @@ def finalize_checkpoint(tmp_dir: Path, final_dir: Path, loop_state: dict) -> Non
 
 def read_loop_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / LOOP_STATE).read_text())
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest``
+    names) and leftover temporary directories of interrupted saves. Returns what was deleted."""
+    if keep_last <= 0:
+        return []
+    latest = (checkpoints_dir / LATEST).read_text().strip() if (checkpoints_dir / LATEST).is_file() else None
+    complete = sorted(p for p in checkpoints_dir.glob("step-*") if (p / LOOP_STATE).is_file())
+    doomed = [p for p in complete[:-keep_last] if p.name != latest]
+    doomed += [p for p in checkpoints_dir.glob(".tmp-step-*") if p.is_dir()]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

@@ -158,6 +158,11 @@ class TrainConfig:
     """Steps between input | reconstruction grids (TensorBoard and samples/)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (a final one is always written)."""
+    keep_last: int = 3
+    """Checkpoints kept in checkpoints/ (older ones are deleted after each save); 0 keeps all."""
+    eval_every: int = 0
+    """Steps between evaluations on data.val during training (val/psnr, val/ssim; EMA weights);
+    0: only the final evaluation after the export."""
     scaling_images: int = 64
     """Training images encoded to compute scaling_factor / shift_factor at export."""
     max_nonfinite_steps: int = 10
@@ -203,6 +208,10 @@ class Config:
                     "image_every", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+        if t.keep_last < 0 or t.eval_every < 0:
+            raise ConfigError("train.keep_last and train.eval_every must be >= 0")
+        if t.eval_every and not d.val:
+            raise ConfigError("train.eval_every needs data.val (images to evaluate on)")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -104,7 +105,7 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, epoch: int,
-                    ema: EMAModel | None, vae) -> None:
+                    ema: EMAModel | None, vae, keep_last: int = 0) -> None:
     """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``)."""
     ckpts = run_dir / "checkpoints"
     name = ckpt_io.checkpoint_name(step)
@@ -119,6 +120,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, epoch: i
             ckpt_io.save_ema(ema, list(vae.named_parameters()), tmp / ckpt_io.EMA_WEIGHTS)
         ckpt_io.finalize_checkpoint(tmp, ckpts / name, {"step": step, "epoch": epoch})
         logger.info("saved checkpoint %s", ckpts / name)
+        for path in ckpt_io.prune_checkpoints(ckpts, keep_last):
+            logger.info("deleted old checkpoint %s (train.keep_last=%d)", path.name, keep_last)
     accelerator.wait_for_everyone()
 
 
@@ -257,15 +260,38 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch
             images_since_log, t_log = 0, time.perf_counter()
         if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
             _save_grid(accelerator, run_dir, x, rec, step)
+        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+            _periodic_eval(cfg, accelerator, vae, ema, step)
         if step % t.checkpoint_every == 0:
-            save_checkpoint(accelerator, run_dir, step, epoch, ema, vae)
+            save_checkpoint(accelerator, run_dir, step, epoch, ema, vae, t.keep_last)
             last_saved = step
     bar.close()
     _log_data_summary(accelerator, counters)
     if last_saved != step:
-        save_checkpoint(accelerator, run_dir, step, epoch, ema, vae)
+        save_checkpoint(accelerator, run_dir, step, epoch, ema, vae, t.keep_last)
     if accelerator.is_main_process:
         _finish(cfg, run_dir, vae, ema, step)
+    accelerator.wait_for_everyone()
+
+
+def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | None, step: int) -> None:
+    """PSNR/SSIM of the (EMA) autoencoder on data.val, logged as val/*; main process only."""
+    if accelerator.is_main_process:
+        from kl_ae.evaluate import evaluate
+
+        if ema is not None:
+            ema.store(vae.parameters())
+            ema.copy_to(vae.parameters())
+        try:
+            report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
+                              progress=False, latent=False)
+        finally:
+            if ema is not None:
+                ema.restore(vae.parameters())
+            vae.train()
+        metrics = {f"val/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
+        accelerator.log(metrics, step=step)
+        logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.wait_for_everyone()
 
 
@@ -282,6 +308,15 @@ def _log_data_summary(accelerator: Accelerator, counters: dict) -> None:
         logger.info("training data, counted over all epochs: %s; %d crops came from images upscaled "
                     "to the crop size",
                     total.summary() if total.total else "no image skipped", upscaled)
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc; -1 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, limit: int,
@@ -322,6 +357,7 @@ def _log_metrics(accelerator, scalars: dict, step: int, epoch: int, counters: di
         "data/epoch": epoch,
         "data/upscaled": counters["upscaled"],
         "data/skipped": counters["skipped"],
+        "perf/rss_mb": _rss_mb(),
         "optim/nonfinite_ae_steps": counters["nonfinite_ae"],
         "optim/nonfinite_disc_steps": counters["nonfinite_disc"],
     })

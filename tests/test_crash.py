@@ -58,3 +58,20 @@ def test_sigkill_then_resume_latest_every_time(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_loop_state(resolve_checkpoint("latest", run_dir))["step"] == 40
     assert (run_dir / "export" / "config.json").exists()
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    from kl_ae.checkpoint import finalize_checkpoint, prune_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for step in (1, 2, 3, 4):
+        tmp = ckpts / f".tmp-step-{step:07d}"
+        tmp.mkdir()
+        finalize_checkpoint(tmp, ckpts / f"step-{step:07d}", {"step": step, "epoch": 0})
+    (ckpts / "step-0000005").mkdir()  # incomplete (no loop_state.json): never counted, left alone
+    (ckpts / ".tmp-step-0000006").mkdir()  # an interrupted save
+    deleted = prune_checkpoints(ckpts, keep_last=2)
+    assert sorted(p.name for p in deleted) == [".tmp-step-0000006", "step-0000001", "step-0000002"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000003", "step-0000004", "step-0000005"]
+    assert prune_checkpoints(ckpts, keep_last=0) == []

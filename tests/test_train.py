@@ -36,7 +36,7 @@ def tiny_overrides(photos, run_dir, steps=4):
         "train.image_every=2", "train.log_every=1", "train.ema_decay=0.9", "train.scaling_images=4",
         "train.mixed_precision=no", "loss.disc_start=2", "loss.disc_channels=8", "loss.disc_num_layers=2",
         "loss.perceptual_weight=1.0", "loss.lpips_trunk=random", "optim.scale_lr=false",
-        "optim.base_learning_rate=1e-3",
+        "optim.base_learning_rate=1e-3", "train.eval_every=2",
     ]
 
 
@@ -63,6 +63,8 @@ def test_run_directory_describes_itself(trained_run):
     log = (trained_run / "train.log").read_text()
     assert "loss/lpips_random_trunk" in log and "loss/lpips=" not in log
     assert "disc/loss" in log  # the discriminator was active from step 2
+    assert "step 2 val/psnr=" in log  # train.eval_every=2 (the final step is evaluated after the export)
+    assert "perf/rss_mb=" in log
     assert list((trained_run / "logs").rglob("events.out.tfevents*"))
     report = json.loads((trained_run / "eval.json").read_text())
     assert report["num_images"] == 6 and np.isfinite(report["metrics"]["psnr"])
@@ -119,7 +121,7 @@ def test_gradient_accumulation_steps_count_optimizer_steps(photos, tmp_path):
     run_dir = tmp_path / "acc"
     overrides = tiny_overrides(photos, run_dir, steps=2) + [
         "train.gradient_accumulation_steps=2", "train.checkpoint_every=100", "data.val=",
-        "loss.perceptual_weight=0", "train.tracker=none"]
+        "loss.perceptual_weight=0", "train.tracker=none", "train.eval_every=0"]
     train(load_config(None, overrides))
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step-0000002"
     log = (run_dir / "train.log").read_text()
