@@ -25,6 +25,7 @@ samples without an image member are skipped with the reason no_image_member.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -38,7 +39,7 @@ import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from kl_ae.config import DataConfig
@@ -60,12 +61,24 @@ _EXPECTED = ("expected an image folder, a shard pattern like 'shards/train-{0000
              "or builtin:train")
 
 
+def sample_generator(*parts: int) -> torch.Generator:
+    """A generator seeded from integers (seed, epoch, index, ...): augmentation that depends on
+    which sample it is, not on how many random numbers were drawn before, so a resumed run
+    crops and flips exactly as an uninterrupted one."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**61 - 1)
+    return torch.Generator().manual_seed(value)
+
+
 def _record(img: Image.Image | None, reason: str | None, name: str, resolution: int,
-            random_flip: bool, short_side_range: Sequence[int] | None = None) -> dict:
+            random_flip: bool, short_side_range: Sequence[int] | None = None,
+            generator: torch.Generator | None = None) -> dict:
     """A training sample ``{"pixel_values": (3, R, R), "upscaled", "name"}`` or a skip record."""
     if img is None:
         return {"pixel_values": None, "skip_reason": reason, "name": name}
-    pixels, upscaled = train_transform(img, resolution, random_flip, short_side_range=short_side_range)
+    pixels, upscaled = train_transform(img, resolution, random_flip, generator=generator,
+                                       short_side_range=short_side_range)
     return {"pixel_values": pixels, "upscaled": upscaled, "name": name}
 
 
@@ -91,10 +104,16 @@ class ImageFolderDataset(Dataset):
     """Map-style training set: item i -> ``{"pixel_values": (3, R, R) float32 in [-1, 1],
     "upscaled": bool, "name": str}``, or for an undecodable file ``{"pixel_values": None,
     "skip_reason": str, "name": str}`` (a record, not None, so the reason survives worker
-    processes), which :func:`collate` counts. ``name``: path relative to ``root`` if given."""
+    processes), which :func:`collate` counts. ``name``: path relative to ``root`` if given.
+
+    An index ``k >= len(self)`` (from :class:`EpochSampler`) means file ``k % len`` in epoch
+    ``k // len``; the crop and flip are drawn from ``sample_generator(seed, k)``.
+    """
 
     def __init__(self, files: Iterable[str | Path], resolution: int, random_flip: bool = True,
-                 root: str | Path | None = None, short_side_range: Sequence[int] | None = None):
+                 root: str | Path | None = None, short_side_range: Sequence[int] | None = None,
+                 seed: int = 0):
+        self.seed = seed
         self.files = [Path(f) for f in files]
         self.resolution, self.random_flip = resolution, random_flip
         self.short_side_range = short_side_range
@@ -104,10 +123,43 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        path = self.files[index]
+        path = self.files[index % len(self.files)]
         name = path.relative_to(self.root).as_posix() if self.root else str(path)
         img, reason = decode(path, _draft_size(self.short_side_range))
-        return _record(img, reason, name, self.resolution, self.random_flip, self.short_side_range)
+        return _record(img, reason, name, self.resolution, self.random_flip, self.short_side_range,
+                       sample_generator(self.seed, index))
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices whose order depends only on (seed, epoch), for exact resumption.
+
+    Epoch e yields a permutation of range(n) (repeated when ``num_samples`` > n), each index
+    offset by e * n so the dataset can seed the sample's augmentation by epoch too. Call
+    :meth:`set_epoch` before each pass (Accelerate's prepared loader forwards it);
+    :meth:`resume_at` skips the samples of an epoch already consumed before a checkpoint.
+    """
+
+    def __init__(self, n: int, num_samples: int, seed: int = 0):
+        self.n, self.num_samples, self.seed = n, num_samples, seed
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, skip_samples: int) -> None:
+        """The next pass is epoch ``epoch`` without its first ``skip_samples`` samples."""
+        self.epoch, self._skip = epoch, skip_samples
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+    def __iter__(self) -> Iterator[int]:
+        g = sample_generator(self.seed, self.epoch, 7)
+        order = torch.cat([torch.randperm(self.n, generator=g)
+                           for _ in range(-(-self.num_samples // self.n))])[:self.num_samples]
+        skip, self._skip = self._skip, 0
+        offset = self.epoch * self.n
+        return iter([offset + int(i) for i in order[skip:]])
 
 
 def _draft_size(short_side_range: Sequence[int] | None) -> int | None:
@@ -125,8 +177,55 @@ def _decode_sample(sample: dict, draft_short_side: int | None = None) -> tuple[I
 
 def _shard_record(sample: dict, resolution: int, random_flip: bool,
                   short_side_range: Sequence[int] | None = None) -> dict:
+    generator = sample_generator(*sample["__position__"]) if "__position__" in sample else None
     return _record(*_decode_sample(sample, _draft_size(short_side_range)), sample.get("__key__", "?"),
-                   resolution, random_flip, short_side_range)
+                   resolution, random_flip, short_side_range, generator)
+
+
+class StreamPosition:
+    """The per-worker streams of a shard DataLoader, made resumable.
+
+    Batch j of an IterableDataset DataLoader comes from worker j % W, each batch of
+    ``batch_size`` raw samples. A DataLoader created to resume after ``batches`` batches starts
+    again at worker 0, so its worker p plays *logical* worker (p + batches) % W of the
+    original run: it reads that worker's shards (:meth:`split`), shuffles with that worker's
+    seeds (:meth:`shuffle`) and skips the samples that worker had produced, without decoding
+    them (:meth:`__call__`). Augmentation is seeded per sample position, so the resumed stream
+    is the original one. Set :attr:`batches` before the DataLoader's workers start.
+    """
+
+    def __init__(self, seed: int, batch_size: int):
+        self.seed, self.batch_size, self.batches = seed, batch_size, 0
+        self._seen: int | None = None  # samples produced by this worker copy, over all passes
+        self._passes = 0
+
+    def _worker(self) -> tuple[int, int, int]:
+        """(rank, logical worker, number of workers >= 1)."""
+        rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        workers = max(num_workers, 1)
+        return rank, (worker + self.batches) % workers, workers
+
+    def split(self, urls: Iterable) -> Iterator:
+        """workersplitter: the shards of this logical worker."""
+        _, logical, workers = self._worker()
+        return itertools.islice(urls, logical, None, workers)
+
+    def shuffle(self, src: Iterator, bufsize: int) -> Iterator:
+        """The sample buffer shuffle, seeded by (seed, rank, logical worker, pass)."""
+        rank, logical, _ = self._worker()
+        seed = int(torch.randint(2**62, (1,), generator=sample_generator(self.seed, rank, logical, self._passes)))
+        self._passes += 1
+        return _buffer_shuffle(src, bufsize, seed)
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        rank, logical, workers = self._worker()
+        skip = max(0, -(-(self.batches - logical) // workers)) * self.batch_size  # j < batches, j % W == logical
+        if self._seen is None:
+            self._seen = 0
+        for sample in src:  # called again for every pass over the shards: the count goes on
+            i, self._seen = self._seen, self._seen + 1
+            if i >= skip:  # the augmentation seed: which sample of which worker of which rank
+                yield {**sample, "__position__": (self.seed, rank, logical, i)}
 
 
 def _warn_and_continue(exn: Exception) -> bool:
@@ -135,10 +234,10 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
-def _buffer_shuffle(src: Iterator, bufsize: int) -> Iterator:
-    """Shuffle a stream through a ``bufsize`` buffer, seeded from torch's RNG at each pass
-    (so per-worker DataLoader seeding, and the trainer's seed, govern it)."""
-    rng = random.Random(int(torch.randint(2**62, (1,))))
+def _buffer_shuffle(src: Iterator, bufsize: int, seed: int | None = None) -> Iterator:
+    """Shuffle a stream through a ``bufsize`` buffer, seeded by ``seed`` (default: drawn from
+    torch's RNG at each pass)."""
+    rng = random.Random(int(torch.randint(2**62, (1,))) if seed is None else seed)
     buf: list = []
     for sample in src:
         if len(buf) < bufsize:
@@ -276,7 +375,7 @@ def iter_indexed_images(spec: str, counter: SkipCounter | None = None, *, limit:
         yield i, name, img
 
 
-def _shard_train_dataset(cfg: DataConfig, seed: int) -> wds.WebDataset:
+def _shard_train_dataset(cfg: DataConfig, seed: int, position: StreamPosition | None = None) -> wds.WebDataset:
     urls = expand_shards(cfg.train)
     _, world_size, _, _ = wds.utils.pytorch_worker_info()  # the rank info split_by_node uses
     if len(urls) < world_size:
@@ -288,17 +387,20 @@ def _shard_train_dataset(cfg: DataConfig, seed: int) -> wds.WebDataset:
     if cfg.num_workers > per_rank:
         logger.warning("%d shards per process for %d DataLoader workers: %d workers will idle",
                        per_rank, cfg.num_workers, cfg.num_workers - per_rank)
+    position = position or StreamPosition(seed, 1)
     ds = wds.WebDataset(urls, shardshuffle=len(urls), detshuffle=True, seed=seed,
-                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                        nodesplitter=wds.split_by_node, workersplitter=position.split,
                         empty_check=False, handler=_warn_and_continue)
     if cfg.shuffle_buffer > 1:
-        ds = ds.compose(partial(_buffer_shuffle, bufsize=cfg.shuffle_buffer))
+        ds = ds.compose(partial(position.shuffle, bufsize=cfg.shuffle_buffer))
+    ds = ds.compose(position)
     decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
                      short_side_range=cfg.short_side_range)
     return ds.map(decode, handler=_warn_and_continue)
 
 
-def build_train_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDataset:
+def build_train_dataset(cfg: DataConfig, seed: int = 0,
+                        position: StreamPosition | None = None) -> Dataset | IterableDataset:
     """Training set of ``cfg.train`` (samples as in :class:`ImageFolderDataset`).
 
     Folder/builtin: map-style :class:`ImageFolderDataset`. Shards: a ``wds.WebDataset``
@@ -308,21 +410,13 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0) -> Dataset | IterableDat
     or fewer shards than processes."""
     try:
         if is_shard_source(cfg.train):
-            return _shard_train_dataset(cfg, seed)
+            return _shard_train_dataset(cfg, seed, position)
         root, files = _resolve_files(cfg.train)
     except DataError as err:
         raise DataError(f"data.train: {err}") from None
     logger.info("data.train=%s: %d images", cfg.train, len(files))
     return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=root,
-                              short_side_range=cfg.short_side_range)
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Offset worker seeds by rank: the generator shared by all ranks (Accelerate's sharding
-    needs one permutation) would give every rank the same crops."""
-    rank = wds.utils.pytorch_worker_info()[0]
-    if rank:
-        torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+                              short_side_range=cfg.short_side_range, seed=seed)
 
 
 def build_train_dataloader(cfg: DataConfig, batch_size: int, seed: int = 0) -> DataLoader:
@@ -333,16 +427,31 @@ def build_train_dataloader(cfg: DataConfig, batch_size: int, seed: int = 0) -> D
     repeatedly, fresh crops each time); pass it through ``accelerator.prepare``. Shards: endless
     (each worker re-reads its shards, reshuffled), so ranks with unequal shards never run dry at
     different times; iterate it by steps, NOT through ``accelerator.prepare``."""
-    dataset = build_train_dataset(cfg, seed)
+    position = StreamPosition(seed, batch_size) if is_shard_source(cfg.train) else None
+    dataset = build_train_dataset(cfg, seed, position)
     kwargs = dict(batch_size=batch_size, num_workers=cfg.num_workers,
                   collate_fn=partial(collate, resolution=cfg.resolution),
-                  persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                  worker_init_fn=_seed_worker)
-    if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset.repeat(), **kwargs)
+                  persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
+    # The loader's own generator draws the workers' base seed, so it does not depend on (or
+    # consume) the global RNG that the training step's posterior sampling uses.
     generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, num_samples=max(len(dataset), batch_size), generator=generator)
+    if isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset.repeat(), generator=generator, **kwargs)
+        loader.stream_position = position
+        return loader
+    sampler = EpochSampler(len(dataset), max(len(dataset), batch_size), seed)
     return DataLoader(dataset, sampler=sampler, drop_last=True, generator=generator, **kwargs)
+
+
+def resume_dataloader(loader: DataLoader, epoch: int, batches: int, num_processes: int = 1) -> None:
+    """Make a loader from :func:`build_train_dataloader` continue where a checkpointed run was:
+    ``batches`` drawn by each process in epoch ``epoch``. Call before the first iteration (and,
+    for folders, before or after ``accelerator.prepare``). Shards skip the consumed samples
+    without decoding them; folders skip them in the sampler."""
+    if isinstance(loader.sampler, EpochSampler):
+        loader.sampler.resume_at(epoch, batches * num_processes * loader.batch_size)
+    elif getattr(loader, "stream_position", None) is not None:
+        loader.stream_position.batches = batches
 
 
 def pack_shards(src: str | Path, out_dir: str | Path, max_count: int = 1000,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config, save_config
-from kl_ae.data import build_train_dataloader, is_shard_source
+from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader
 from kl_ae.export import compute_latent_factors, save_export
 from kl_ae.grids import pair_grid, save_grid
 from kl_ae.images import DataError, SkipCounter
@@ -75,13 +75,15 @@ def _tracker_config(cfg: Config) -> dict:
 
 
 def _batches(loader, counters: dict):
-    """Yield (epoch, pixel_values) forever, one pass over the data per epoch."""
-    epoch = 0
+    """Yield pixel batches forever from epoch ``counters["epoch"]`` on, keeping
+    ``counters["epoch"]`` / ``counters["batches_in_epoch"]`` (batches drawn, empty ones included)
+    current: the position a checkpoint records for an exact resume."""
     while True:
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        seen = 0
+            loader.set_epoch(counters["epoch"])
+        seen = counters["batches_in_epoch"]  # resumed mid-epoch (maybe at its very end): batches before
         for batch in loader:
+            counters["batches_in_epoch"] += 1
             counters["upscaled"] += int(batch["num_upscaled"])
             counters["skipped"] += int(batch["num_skipped"])
             for reason, n in batch["skip_reasons"].items():
@@ -89,10 +91,11 @@ def _batches(loader, counters: dict):
             if batch["pixel_values"].shape[0] == 0:
                 continue
             seen += 1
-            yield epoch, batch["pixel_values"]
+            yield batch["pixel_values"]
         if seen == 0:
             raise DataError(f"no usable training image in a whole epoch: {counters['skip_reasons'].summary()}")
-        epoch += 1
+        counters["epoch"] += 1
+        counters["batches_in_epoch"] = 0
 
 
 def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
@@ -104,9 +107,11 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
             tracker.writer.add_image("samples/input_reconstruction", grid, global_step=step)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, epoch: int,
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, position: dict,
                     ema: EMAModel | None, vae, keep_last: int = 0) -> None:
-    """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``)."""
+    """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``).
+
+    position: ``{"epoch", "batches_in_epoch"}`` of the data stream after this step."""
     ckpts = run_dir / "checkpoints"
     name = ckpt_io.checkpoint_name(step)
     tmp = ckpts / f".tmp-{name}"
@@ -118,7 +123,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, epoch: i
     if accelerator.is_main_process:
         if ema is not None:
             ckpt_io.save_ema(ema, list(vae.named_parameters()), tmp / ckpt_io.EMA_WEIGHTS)
-        ckpt_io.finalize_checkpoint(tmp, ckpts / name, {"step": step, "epoch": epoch})
+        ckpt_io.finalize_checkpoint(tmp, ckpts / name, {"step": step, **position})
         logger.info("saved checkpoint %s", ckpts / name)
         for path in ckpt_io.prune_checkpoints(ckpts, keep_last):
             logger.info("deleted old checkpoint %s (train.keep_last=%d)", path.name, keep_last)
@@ -201,6 +206,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     vae = ae.vae
     ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
 
+    raw_loader = loader
     if not is_shard_source(cfg.data.train):  # webdataset splits shards by node itself
         loader = accelerator.prepare(loader)
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = accelerator.prepare(
@@ -210,7 +216,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
         ema.to(accelerator.device)
     models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
 
-    step, start_epoch = 0, 0
+    step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
     ckpt = _checkpoint_to_resume(resume, run_dir)
     if ckpt is None:
         set_seed(t.seed, device_specific=True)  # different noise and crops on every rank
@@ -219,27 +225,28 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
         if ema is not None and (ckpt / ckpt_io.EMA_WEIGHTS).is_file():
             ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
         state = ckpt_io.read_loop_state(ckpt)
-        step, start_epoch = state["step"], state["epoch"]
-        logger.info("resumed from %s at step %d", ckpt, step)
+        step = state["step"]
+        position = {"epoch": state["epoch"], "batches_in_epoch": state.get("batches_in_epoch", 0)}
+        resume_dataloader(raw_loader, position["epoch"], position["batches_in_epoch"], accelerator.num_processes)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, position["epoch"],
+                    position["batches_in_epoch"])
 
     if accelerator.is_main_process and t.tracker != "none":
         accelerator.init_trackers("kl-ae", config=_tracker_config(cfg))
-    _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch)
+    _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position)
     accelerator.end_training()
 
 
-def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch) -> None:
+def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: dict) -> None:
     t = cfg.train
-    counters = {"upscaled": 0, "skipped": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0, "nonfinite_disc": 0, "consecutive": 0}
+    counters = {"upscaled": 0, "skipped": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0,
+                "nonfinite_disc": 0, "consecutive": 0, **position}
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     last_saved = step
-    for epoch, x in _batches(loader, counters):
-        if step >= t.max_steps:
-            break
-        epoch += start_epoch
+    for x in _batches(loader, counters) if step < t.max_steps else ():
         x = x.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(models.autoencoder, models.discriminator):
             rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
@@ -255,7 +262,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
             elapsed = time.perf_counter() - t_log
-            metrics = _log_metrics(accelerator, scalars, step, epoch, counters, images_since_log / elapsed, models)
+            metrics = _log_metrics(accelerator, scalars, step, counters, images_since_log / elapsed, models)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", img_s=f"{metrics['perf/images_per_s']:.2f}")
             images_since_log, t_log = 0, time.perf_counter()
         if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
@@ -263,12 +270,14 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, start_epoch
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
             _periodic_eval(cfg, accelerator, vae, ema, step)
         if step % t.checkpoint_every == 0:
-            save_checkpoint(accelerator, run_dir, step, epoch, ema, vae, t.keep_last)
+            save_checkpoint(accelerator, run_dir, step, _position(counters), ema, vae, t.keep_last)
             last_saved = step
+        if step >= t.max_steps:
+            break
     bar.close()
     _log_data_summary(accelerator, counters)
     if last_saved != step:
-        save_checkpoint(accelerator, run_dir, step, epoch, ema, vae, t.keep_last)
+        save_checkpoint(accelerator, run_dir, step, _position(counters), ema, vae, t.keep_last)
     if accelerator.is_main_process:
         _finish(cfg, run_dir, vae, ema, step)
     accelerator.wait_for_everyone()
@@ -345,7 +354,11 @@ def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, 
     return ae_ok
 
 
-def _log_metrics(accelerator, scalars: dict, step: int, epoch: int, counters: dict, images_per_s: float,
+def _position(counters: dict) -> dict:
+    return {"epoch": counters["epoch"], "batches_in_epoch": counters["batches_in_epoch"]}
+
+
+def _log_metrics(accelerator, scalars: dict, step: int, counters: dict, images_per_s: float,
                  models: StepModels) -> dict:
     """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
     keys = sorted(scalars)
@@ -354,7 +367,7 @@ def _log_metrics(accelerator, scalars: dict, step: int, epoch: int, counters: di
     metrics.update({
         "perf/images_per_s": images_per_s,
         "optim/lr": models.opt_ae.param_groups[0]["lr"],
-        "data/epoch": epoch,
+        "data/epoch": counters["epoch"],
         "data/upscaled": counters["upscaled"],
         "data/skipped": counters["skipped"],
         "perf/rss_mb": _rss_mb(),

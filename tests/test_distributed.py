@@ -45,3 +45,9 @@ def test_two_process_training_runs_and_writes_once(tmp_path, source):
     assert (run_dir / "checkpoints/step-0000003/random_states_1.pkl").exists()  # both ranks saved RNG state
     config = json.loads((run_dir / "export/config.json").read_text())
     assert config["scaling_factor"] > 0
+    # resume with two processes
+    resumed = subprocess.run(cmd + ["--resume", "latest", "--set", "train.max_steps=5"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-0000005"

@@ -75,7 +75,7 @@ def test_unusable_training_images_are_skipped_and_counted_by_reason(photos, tmp_
     (photos / "empty.jpg").write_bytes(b"")
     (photos / "text.png").write_text("not an image")
     run_dir = tmp_path / "run"
-    train(config(photos, run_dir, 2))
+    train(config(photos, run_dir, 3))  # 6 files, batch 2: the first epoch draws every file
     log = (run_dir / "train.log").read_text()
     assert "training data, counted over all epochs: skipped" in log
     assert "empty_file=" in log and "not_an_image=" in log
