@@ -276,6 +276,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
             break
     bar.close()
     _log_data_summary(accelerator, counters)
+    _check_replicas(accelerator, models)
     if last_saved != step:
         save_checkpoint(accelerator, run_dir, step, _position(counters), ema, vae, t.keep_last)
     if accelerator.is_main_process:
@@ -302,6 +303,27 @@ def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | N
         accelerator.log(metrics, step=step)
         logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.wait_for_everyone()
+
+
+def _check_replicas(accelerator: Accelerator, models: StepModels) -> None:
+    """Log whether every rank ends with the same autoencoder and discriminator parameters
+    (sha256 of their bytes): DDP should keep them identical; a difference is logged as an error."""
+    if accelerator.num_processes == 1:
+        return
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for module in (models.autoencoder, models.discriminator):
+        for p in module.parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if accelerator.is_main_process:
+        if len(set(digests)) == 1:
+            logger.info("parameters identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
+        else:
+            logger.error("parameters DIFFER between ranks: %s", digests)
 
 
 def _log_data_summary(accelerator: Accelerator, counters: dict) -> None:

@@ -40,7 +40,9 @@ def test_two_process_training_runs_and_writes_once(tmp_path, source):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 2" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "world size 2" in log
+    assert "parameters identical on all 2 ranks" in log and "DIFFER" not in log
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
     assert (run_dir / "checkpoints/step-0000003/random_states_1.pkl").exists()  # both ranks saved RNG state
     config = json.loads((run_dir / "export/config.json").read_text())
