@@ -346,3 +346,32 @@ def test_jpeg_draft_decodes_smaller_but_not_below_target(tmp_path):
     drafted, _ = _decode(path, draft_short_side=90)
     assert full.size == (600, 400)
     assert 90 <= min(drafted.size) < 400 and drafted.mode == "RGB"
+
+
+@pytest.mark.parametrize("n, batch, world", [(12, 2, 2), (11, 2, 2), (9, 2, 3)])
+def test_folder_epoch_split_across_ranks_never_repeats(n, batch, world):
+    """Accelerate shards a folder loader's batches across ranks; with our EpochSampler no sample
+    appears twice in an epoch, and drop_last leaves out fewer than world * batch samples."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    sampler = D.EpochSampler(n, n, seed=3)
+    seen = []
+    for rank in range(world):
+        sampler.set_epoch(1)
+        shard = BatchSamplerShard(BatchSampler(sampler, batch, drop_last=True), world, rank)
+        seen += [k for b in shard for k in b]
+    assert len(seen) == len(set(seen))
+    assert all(n <= k < 2 * n for k in seen)  # epoch 1: indices offset by n
+    assert n - len(seen) < world * batch
+
+
+def test_epoch_sampler_resume_skips_exactly_the_consumed_samples():
+    sampler = D.EpochSampler(10, 10, seed=0)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.resume_at(2, 4)
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # the skip applies to one pass only
+    sampler.set_epoch(3)
+    assert sorted(list(sampler)) == list(range(30, 40)) and list(sampler) != [k + 10 for k in full]
