@@ -59,6 +59,12 @@ class ModelConfig:
     """Self-attention in the encoder/decoder mid block (LDM: true)."""
     use_shift_factor: bool = False
     """Export a shift_factor (latent mean) next to scaling_factor (SD3/FLUX convention)."""
+    init_from: str = ""
+    """Local diffusers AutoencoderKL directory (config.json + safetensors) to fine-tune; its
+    architecture must match this section (checked before anything is built). Empty: random init."""
+    train_encoder: bool = True
+    """False: decoder-only fine-tune (encoder and quant_conv frozen, as stabilityai's
+    sd-vae-ft-mse): the latent space, and so init_from's scaling/shift factors, are kept."""
 
     @property
     def downsampling_factor(self) -> int:
@@ -200,6 +206,10 @@ class Config:
             raise ConfigError(
                 f"data.short_side_range must be [lo, hi] with data.resolution <= lo <= hi, got {d.short_side_range}"
             )
+        if m.init_from:
+            check_init_from(m)
+        elif not m.train_encoder:
+            raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
         if loss.disc_loss not in ("hinge", "vanilla"):
             raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
         if t.mixed_precision not in ("no", "bf16", "fp16"):
@@ -214,6 +224,40 @@ class Config:
             raise ConfigError("train.eval_every needs data.val (images to evaluate on)")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+# ModelConfig field -> diffusers config.json key that must agree when fine-tuning a VAE
+_INIT_FROM_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                   "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+def check_init_from(m: ModelConfig) -> dict:
+    """Read ``m.init_from``'s config.json and check it matches ``m``; returns that config.
+
+    Raises ConfigError naming the directory and every disagreeing key, before any model is built.
+    """
+    path = Path(m.init_from)
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"model.init_from={m.init_from!r}: no config.json there; expected a local diffusers "
+                          "AutoencoderKL directory (e.g. the vae/ folder of a pipeline, or a kl-ae export)")
+    import json
+
+    config = json.loads(file.read_text())
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ConfigError(f"model.init_from={m.init_from!r} holds a {config['_class_name']}, not an AutoencoderKL")
+    bad = []
+    for key in _INIT_FROM_KEYS:
+        theirs = config.get(key, True if key.startswith(("use_", "mid_")) else None)
+        ours = getattr(m, key)
+        if isinstance(theirs, (list, tuple)):
+            theirs = list(theirs)
+        if theirs != ours:
+            bad.append(f"model.{key}={ours!r} but the VAE has {theirs!r}")
+    if bad:
+        raise ConfigError(f"model.init_from={m.init_from!r} does not match the model config: " + "; ".join(bad)
+                          + " (set these keys, or use the preset of that VAE)")
+    return config
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

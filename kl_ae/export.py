@@ -94,6 +94,20 @@ def compute_latent_factors(
     }
 
 
+def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None = None) -> dict:
+    """The factors to export: a decoder-only fine-tune keeps its init_from VAE's (the latent
+    space did not change, and the diffusion models built on it expect them); otherwise they
+    are measured on ``images`` (default ``data.train``) with :func:`compute_latent_factors`."""
+    m = cfg.model
+    if m.init_from and not m.train_encoder:
+        original = json.loads((Path(m.init_from) / "config.json").read_text())
+        return {"scaling_factor": original.get("scaling_factor", 0.18215),
+                "shift_factor": original.get("shift_factor"), "resolution": cfg.data.resolution,
+                "source": f"kept from model.init_from={m.init_from} (decoder-only fine-tune: encoder frozen)"}
+    return compute_latent_factors(vae, images or cfg.data.train, resolution=cfg.data.resolution,
+                                  num_images=cfg.train.scaling_images, use_shift=m.use_shift_factor)
+
+
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
     """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors)."""
     out_dir = Path(out_dir)
@@ -161,8 +175,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: boo
     vae, cfg, loop_state = autoencoder_from_checkpoint(checkpoint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
-    factors = compute_latent_factors(
-        vae, images or cfg.data.train, resolution=cfg.data.resolution,
-        num_images=cfg.train.scaling_images, use_shift=cfg.model.use_shift_factor,
-    )
+    factors = latent_factors_for(vae, cfg, images)
     return save_export(vae.cpu(), out_dir, factors, {"step": loop_state.get("step"), "ema": loop_state["ema"]})

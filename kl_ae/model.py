@@ -38,6 +38,25 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     )
 
 
+def load_or_build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+    """``AutoencoderKL.from_pretrained(cfg.init_from)`` (local, fp32) or a random
+    :func:`build_autoencoder`; with ``train_encoder=False`` the encoder side is frozen."""
+    if cfg.init_from:
+        vae = AutoencoderKL.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+    else:
+        vae = build_autoencoder(cfg)
+    if not cfg.train_encoder:
+        freeze_encoder(vae)
+    return vae
+
+
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Decoder-only fine-tuning: no gradient for the encoder and quant_conv (the latent space)."""
+    vae.encoder.requires_grad_(False)
+    if vae.quant_conv is not None:
+        vae.quant_conv.requires_grad_(False)
+
+
 class AutoencoderWrapper(nn.Module):
     """Training view of an ``AutoencoderKL``: ``forward(x) -> (reconstruction, posterior)``.
 

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config, save_config
 from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader
-from kl_ae.export import compute_latent_factors, save_export
+from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
 from kl_ae.images import DataError, SkipCounter
-from kl_ae.model import AutoencoderWrapper, build_autoencoder, build_discriminator, count_parameters
+from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.perceptual import build_lpips, resolve_vgg16_trunk
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 
@@ -147,7 +147,7 @@ def _build(cfg: Config, accelerator: Accelerator):
     if cfg.loss.perceptual_weight > 0:
         perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
         perceptual.to(accelerator.device)
-    vae = build_autoencoder(cfg.model)
+    vae = load_or_build_autoencoder(cfg.model)
     ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar)
     disc = build_discriminator(cfg.loss)
     lr = scaled_learning_rate(cfg, accelerator.num_processes)
@@ -409,10 +409,7 @@ def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) ->
         ema.store(vae.parameters())
         ema.copy_to(vae.parameters())
     try:
-        factors = compute_latent_factors(
-            vae, cfg.data.train, resolution=cfg.data.resolution, num_images=cfg.train.scaling_images,
-            use_shift=cfg.model.use_shift_factor,
-        )
+        factors = latent_factors_for(vae, cfg)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})

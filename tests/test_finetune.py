@@ -1,0 +1,69 @@
+"""Fine-tuning an existing diffusers VAE: model.init_from, decoder-only mode, config checks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from kl_ae.config import ConfigError, load_config
+from kl_ae.trainer import train
+
+ARCH = ["model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8"]
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, scaling_factor=0.123, sample_size=32)
+    vae.save_pretrained(tmp_path / "original")
+    return photos, tmp_path / "original"
+
+
+def run(photos, original, run_dir, *extra):
+    return load_config(None, ARCH + [
+        f"model.init_from={original}", f"data.train={photos}", "data.resolution=32", "data.num_workers=0",
+        f"train.output_dir={run_dir}", "train.max_steps=3", "train.batch_size=2", "train.tracker=none",
+        "train.gradient_accumulation_steps=1", "train.mixed_precision=no", "train.scaling_images=2",
+        "loss.perceptual_weight=0", "loss.disc_start=2", "loss.disc_channels=8", "loss.disc_num_layers=2",
+        "optim.scale_lr=false", "optim.base_learning_rate=1e-3", *extra])
+
+
+def test_decoder_only_keeps_encoder_and_factors(setup, tmp_path):
+    photos, original = setup
+    train(run(photos, original, tmp_path / "run", "model.train_encoder=false"))
+    before = AutoencoderKL.from_pretrained(original).state_dict()
+    after = AutoencoderKL.from_pretrained(tmp_path / "run/export").state_dict()
+    encoder_side = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder_side and all(torch.equal(before[k], after[k]) for k in encoder_side)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    config = json.loads((tmp_path / "run/export/config.json").read_text())
+    assert config["scaling_factor"] == 0.123 and config["shift_factor"] is None
+
+
+def test_full_finetune_recomputes_factors(setup, tmp_path):
+    photos, original = setup
+    train(run(photos, original, tmp_path / "run"))
+    config = json.loads((tmp_path / "run/export/config.json").read_text())
+    assert config["scaling_factor"] != 0.123
+    stats = json.loads((tmp_path / "run/export/latent_stats.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(1 / stats["std"])
+
+
+def test_mismatched_architecture_is_one_clear_error(setup, tmp_path):
+    photos, original = setup
+    with pytest.raises(ConfigError, match=r"model.latent_channels=16 but the VAE has 4"):
+        run(photos, original, tmp_path / "run", "model.latent_channels=16")
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(None, ARCH + [f"model.init_from={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="needs model.init_from"):
+        load_config(None, ["model.train_encoder=false"])
