@@ -25,6 +25,13 @@ def _export(args: argparse.Namespace) -> None:
 
     out = export_checkpoint(args.run, args.out, force=args.force, images=args.images)
     print(f"exported to {out}")
+    if args.push_to_hub:
+        from kl_ae.hub import prepare_hub_folder, push_to_hub
+
+        folder = prepare_hub_folder(out, f"{out}-hub", args.push_to_hub)
+        print(f"model card and files for the Hub in {folder}")
+        push_to_hub(folder, args.push_to_hub, token=args.hub_token)
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must be empty unless --force)")
     p.add_argument("--images", default=None, help="images for scaling_factor (default: the run's data.train)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="also assemble OUT-hub (export + model card) and upload it to this Hub repo (needs network)")
+    p.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in one)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="reconstruction PSNR / SSIM / LPIPS and throughput")

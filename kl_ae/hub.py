@@ -1,0 +1,133 @@
+"""Publish an export on the Hugging Face Hub: the upload folder with its model card, and the upload.
+
+:func:`prepare_hub_folder` is offline and tested; :func:`push_to_hub` is the only function here that
+touches the network (``huggingface_hub.create_repo`` + ``upload_folder``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+CARD_TAGS = ["kl-ae", "autoencoder", "vae"]
+EXPORT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+LATENT_STATS = "latent_stats.json"
+
+
+def prepare_hub_folder(export_dir: str | Path, out_dir: str | Path, repo_id: str, *,
+                       license: str = "apache-2.0") -> Path:
+    """Assemble in ``out_dir`` what ``kl-ae export --push-to-hub`` uploads to ``repo_id``.
+
+    Copies every file of ``export_dir`` (config.json, diffusion_pytorch_model.safetensors,
+    latent_stats.json) and writes README.md, a model card: YAML front matter (library_name
+    diffusers, tags kl-ae/autoencoder/vae, ``license``), the latent layout, scaling/shift factors,
+    the latent statistics and how to load the model. Returns ``out_dir``.
+
+    Raises FileNotFoundError when ``export_dir`` is not a diffusers AutoencoderKL export,
+    ValueError for a config.json of another class, FileExistsError for a non-empty ``out_dir``.
+    """
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    missing = [name for name in EXPORT_FILES if not (export_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{export_dir} is not a diffusers AutoencoderKL export: missing {', '.join(missing)}")
+    config = json.loads((export_dir / "config.json").read_text())
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"{export_dir}/config.json holds a {config.get('_class_name')!r}, not an AutoencoderKL")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; choose another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file in sorted(export_dir.iterdir()):
+        if file.is_file() and file.name != "README.md":  # the card below replaces any old one
+            shutil.copy2(file, out_dir / file.name)
+    stats_file = export_dir / LATENT_STATS
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+    (out_dir / "README.md").write_text(model_card(config, stats, repo_id, license=license))
+    return out_dir
+
+
+def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str = "apache-2.0") -> str:
+    """README.md of a Hub repository holding one AutoencoderKL export (config: its config.json;
+    stats: its latent_stats.json, or None when the export has none)."""
+    front = yaml.safe_dump({"library_name": "diffusers", "license": license, "tags": list(CARD_TAGS)},
+                           sort_keys=False)
+    channels = config["latent_channels"]
+    f = 2 ** (len(config["block_out_channels"]) - 1)
+    scale, shift = config.get("scaling_factor"), config.get("shift_factor")
+    quant = config.get("use_quant_conv", True) and config.get("use_post_quant_conv", True)
+    lines = [
+        f"---\n{front}---", "",
+        f"# {repo_id}", "",
+        "A KL-regularized image autoencoder (the \"VAE\" first stage of latent diffusion) trained with "
+        "kl-ae and saved in the diffusers `AutoencoderKL` layout.", "",
+        "## Latent layout", "",
+        "| | |", "|---|---|",
+        f"| latent | {channels} channels at 1/{f} of the image size: (B, 3, H, W) -> (B, {channels}, H/{f}, W/{f}) |",
+        f"| compression | 3·f²/c = {3 * f * f / channels:g}x |",
+        f"| encoder/decoder | block_out_channels {list(config['block_out_channels'])}, "
+        f"layers_per_block {config.get('layers_per_block')}, "
+        f"mid-block attention {'on' if config.get('mid_block_add_attention', True) else 'off'} |",
+        f"| quant convs | {'yes (SD 1.x / SDXL layout)' if quant else 'no (SD3 / FLUX.1 layout)'} |",
+        f"| scaling_factor | {scale!r} |",
+        f"| shift_factor | {'none' if shift is None else repr(shift)} |", "",
+        "A diffusion model is trained on `(z - shift_factor) * scaling_factor` and decodes "
+        "`z / scaling_factor + shift_factor` (no shift when shift_factor is none). diffusers pipelines "
+        "read the factors from config.json: the SD3 and FLUX.1 pipelines both, the SD 1.x, SDXL and "
+        "DiT pipelines scaling_factor only.", "",
+        *_stats_section(stats),
+        "## Use", "",
+        "```python",
+        "import torch",
+        "from diffusers import AutoencoderKL",
+        "",
+        f"vae = AutoencoderKL.from_pretrained({json.dumps(repo_id)})",
+        f"images = torch.rand(1, 3, 256, 256) * 2 - 1  # RGB in [-1, 1], sides divisible by {f}",
+        "shift = vae.config.shift_factor or 0.0",
+        "with torch.no_grad():",
+        "    z = (vae.encode(images).latent_dist.sample() - shift) * vae.config.scaling_factor",
+        "    reconstruction = vae.decode(z / vae.config.scaling_factor + shift).sample",
+        "```", "",
+        "In a pipeline with an AutoencoderKL `vae` component whose diffusion model was trained on these "
+        "latents: `DiffusionPipeline.from_pretrained(base, vae=vae)`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _stats_section(stats: dict | None) -> list[str]:
+    if stats is None:
+        return ["## Latent statistics", "", "The export has no latent_stats.json.", ""]
+    lines = ["## Latent statistics", ""]
+    if "source" in stats:  # a decoder-only fine-tune keeps its original VAE's factors
+        lines += [f"Factors {stats['source']}.", ""]
+    if "std" in stats:
+        lines += [
+            f"Measured on {stats.get('num_images')} images ({stats.get('images')}) centre-cropped to "
+            f"{stats.get('resolution')} px, over latent {stats.get('latent', 'samples')}s: "
+            f"mean {stats['mean']:.6g}, std {stats['std']:.6g}; scaling_factor = 1/std"
+            + (", shift_factor = mean." if stats.get("shift_factor") is not None else "."), "",
+        ]
+    if stats.get("step") is not None:
+        lines += [f"Weights: training step {stats['step']}{' (EMA)' if stats.get('ema') else ''}.", ""]
+    lines += [f"All values: `{LATENT_STATS}`.", ""]
+    return lines
+
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None):
+    """Upload a folder made by :func:`prepare_hub_folder` to the model repository ``repo_id``
+    (created if missing). token: a Hub token, or None for the cached login / $HF_TOKEN.
+
+    Returns huggingface_hub's CommitInfo. Raises FileNotFoundError when ``folder`` lacks the
+    model card or the export files; network and permission errors come from huggingface_hub.
+    """
+    import huggingface_hub
+
+    folder = Path(folder)
+    missing = [name for name in (*EXPORT_FILES, "README.md") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a prepared Hub folder: missing {', '.join(missing)} "
+                                "(make it with kl_ae.hub.prepare_hub_folder)")
+    huggingface_hub.create_repo(repo_id, token=token, repo_type="model", exist_ok=True)
+    return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
+                                         repo_type="model", commit_message="Upload kl-ae AutoencoderKL export")
