@@ -28,11 +28,12 @@ hundred images is only comparable to rFID on the same number of images (publishe
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from kl_ae.perceptual import file_sha256
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
 TORCH_FIDELITY_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"  # same bytes
@@ -72,14 +73,6 @@ def fid_weights_path(path: str | Path | None = None) -> Path:
     return cache / FID_WEIGHTS_FILENAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_fid_weights(path: str | Path | None = None, expected_sha256: str = FID_WEIGHTS_SHA256) -> Path:
     """Resolve (:func:`fid_weights_path`) and check the weights file; returns its path.
 
@@ -94,7 +87,7 @@ def check_fid_weights(path: str | Path | None = None, expected_sha256: str = FID
     )
     if not file.is_file():
         raise FIDWeightsError(f"rFID: skipped, no weights at {file} ({how})")
-    actual = _sha256(file)
+    actual = file_sha256(file)
     if actual != expected_sha256:
         raise FIDWeightsHashError(
             f"rFID: skipped, {file} has sha256 {actual}, expected {expected_sha256} ({how})"

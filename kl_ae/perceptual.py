@@ -106,7 +106,8 @@ def _how_to_fix(expected_sha256: str, net: str = "vgg") -> str:
     )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks (weights files are hundreds of MB)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -141,7 +142,7 @@ def resolve_trunk(trunk: str, net: str = "vgg", *, expected_sha256: str | None =
         raise LPIPSWeightsError(
             f"LPIPS {t.label} trunk file not found: {path}. " + _how_to_fix(expected_sha256, net)
         )
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != expected_sha256:
         raise LPIPSWeightsHashError(
             f"LPIPS {t.label} trunk file {path} has sha256 {actual}, expected {expected_sha256}. "
