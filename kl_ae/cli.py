@@ -62,7 +62,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _shards(args: argparse.Namespace) -> None:
-    from kl_ae.data import pack_shards
+    from kl_ae.shards import pack_shards
 
     result = pack_shards(args.src, args.out, max_count=args.max_count)
     print(json.dumps(result, indent=2))

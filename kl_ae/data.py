@@ -40,7 +40,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from tqdm.auto import tqdm
 
 from kl_ae.config import DataConfig
 from kl_ae.images import DataError, SkipCounter, decode, train_transform  # noqa: F401 (re-exported)
@@ -382,7 +381,7 @@ def _shard_train_dataset(cfg: DataConfig, seed: int, position: StreamPosition | 
         raise DataError(f"{cfg.train!r}: {len(urls)} shard(s) for {world_size} processes; "
                         f"webdataset gives each process whole shards, so at least {world_size} "
                         "are needed (an empty rank would hang DDP); repack with a smaller "
-                        "pack_shards(max_count=...)")
+                        "`kl-ae shards --max-count`)")
     per_rank = len(urls) // world_size
     if cfg.num_workers > per_rank:
         logger.warning("%d shards per process for %d DataLoader workers: %d workers will idle",
@@ -452,48 +451,3 @@ def resume_dataloader(loader: DataLoader, epoch: int, batches: int, num_processe
         loader.sampler.resume_at(epoch, batches * num_processes * loader.batch_size)
     elif getattr(loader, "stream_position", None) is not None:
         loader.stream_position.batches = batches
-
-
-def pack_shards(src: str | Path, out_dir: str | Path, max_count: int = 1000,
-                max_size: int = 512 * 2**20) -> dict:
-    """Pack a folder / builtin set into ``out_dir/shard-000000.tar``, ... (webdataset).
-
-    A sample holds the original file bytes under the lower-case extension (jpeg -> jpg) and
-    ``__key__ = sample_key(relative path)``; images that do not decode are skipped and counted.
-    A shard closes at ``max_count`` samples or ``max_size`` bytes. Returns ``{"pattern":
-    "<out_dir>/shard-{000000..00000N}.tar", "num_shards", "num_samples", "skipped": {reason:
-    count}}``. Raises DataError if ``out_dir`` has shard-*.tar files or nothing decodes."""
-    root, files = _resolve_files(str(src))
-    out = Path(out_dir)
-    if out.is_dir() and any(out.glob("shard-*.tar")):
-        raise DataError(f"{str(out)!r} already contains shard-*.tar files; use an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    skipped, writer, num_samples = SkipCounter(), None, 0
-    try:
-        for path in tqdm(files, desc=f"packing {src}", unit="img"):
-            name = path.relative_to(root).as_posix()
-            try:
-                data = path.read_bytes()
-            except OSError:
-                data = None
-            img, reason = decode(data) if data is not None else (None, "unreadable")
-            if img is None:
-                skipped.add(reason)
-                logger.warning("not packing %s: %s", name, reason)
-                continue
-            if writer is None:
-                writer = wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=max_count,
-                                         maxsize=max_size, verbose=0)
-            ext = path.suffix[1:].lower()
-            writer.write({"__key__": sample_key(name), "jpg" if ext == "jpeg" else ext: data})
-            num_samples += 1
-    finally:
-        if writer is not None:
-            writer.close()
-    if num_samples == 0:
-        raise DataError(f"{src}: none of {len(files)} images could be decoded ({skipped.summary()})")
-    num_shards = len(list(out.glob("shard-*.tar")))
-    logger.info("packed %d images into %d shards in %s; %s", num_samples, num_shards, out,
-                skipped.summary())
-    return {"pattern": f"{out}/shard-{{000000..{num_shards - 1:06d}}}.tar", "num_shards": num_shards,
-            "num_samples": num_samples, "skipped": skipped.as_dict()}

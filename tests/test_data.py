@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kl_ae import data as D  # before torchvision: kl_ae fixes its import here
+from kl_ae import data as D
+from kl_ae.shards import pack_shards  # before torchvision: kl_ae fixes its import here
 from kl_ae.config import DataConfig
 
 GOOD = {  # relative path -> (width, height) after decoding
@@ -75,7 +76,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(folder, tmp_path_factory) -> dict:
-    return D.pack_shards(folder, tmp_path_factory.mktemp("shards") / "out", max_count=4)
+    return pack_shards(folder, tmp_path_factory.mktemp("shards") / "out", max_count=4)
 
 
 def _decoded(folder: Path) -> dict[str, Image.Image]:
@@ -228,7 +229,7 @@ def test_pack_shards_round_trip(folder, shards):
     for key, img in from_shards:
         assert np.array_equal(np.asarray(img), np.asarray(from_folder[key]))
     with pytest.raises(D.DataError, match="already contains"):
-        D.pack_shards(folder, Path(urls[0]).parent)
+        pack_shards(folder, Path(urls[0]).parent)
 
 
 def test_shard_train_dataset_yields_every_sample_once(shards):
@@ -255,7 +256,7 @@ def test_fewer_shards_than_processes_is_an_error(shards, monkeypatch):
 
 
 def test_corrupted_shards_do_not_stop_iteration(folder, tmp_path):
-    packed = D.pack_shards(folder, tmp_path / "s", max_count=4)
+    packed = pack_shards(folder, tmp_path / "s", max_count=4)
     urls = D.expand_shards(packed["pattern"])
     first = set(k for k, _ in D.iter_images(urls[0]))
     data = Path(urls[0]).read_bytes()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kl_ae.data import pack_shards
+from kl_ae.shards import pack_shards
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kl_ae.config import load_config
-from kl_ae.data import pack_shards
+from kl_ae.shards import pack_shards
 from kl_ae.trainer import train
 
 
