@@ -381,7 +381,7 @@ def _shard_train_dataset(cfg: DataConfig, seed: int, position: StreamPosition | 
         raise DataError(f"{cfg.train!r}: {len(urls)} shard(s) for {world_size} processes; "
                         f"webdataset gives each process whole shards, so at least {world_size} "
                         "are needed (an empty rank would hang DDP); repack with a smaller "
-                        "`kl-ae shards --max-count`)")
+                        "`kl-ae shards --max-count N`")
     per_rank = len(urls) // world_size
     if cfg.num_workers > per_rank:
         logger.warning("%d shards per process for %d DataLoader workers: %d workers will idle",
