@@ -47,6 +47,7 @@ from tqdm import tqdm
 from kl_ae.data import iter_indexed_images
 from kl_ae.images import SkipCounter, eval_transform
 from kl_ae.perceptual import LPIPSWeightsError, build_lpips
+from kl_ae.report import format_report  # noqa: F401 (re-exported)
 
 Reconstructor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -430,61 +431,7 @@ def evaluate(
     return report
 
 
-# --- presentation and entry point ------------------------------------------------------------
-
-
-def _cell(metrics: dict, key: str) -> str:
-    if key not in metrics:
-        return "-"
-    v = metrics[key]
-    if v is None:
-        return "inf" if key == "psnr" and metrics.get("psnr_infinite") else "n/a"
-    return f"{v:.2f}" if key == "psnr" else f"{v:.4f}"
-
-
-def format_report(report: dict) -> str:
-    """A plain-text table of a report from :func:`evaluate`: metric rows, model and baselines
-    as columns, then model, throughput, protocol and skipped-image lines."""
-    columns = {"model": report["metrics"], **report.get("baselines", {})}
-    metric_keys = ["psnr", "ssim"] + [
-        k for k in report["metrics"] if k not in ("psnr", "ssim", "psnr_infinite")
-    ]
-    labels = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS",
-              "lpips_random_trunk": "LPIPS (random trunk!)"}
-    rows = [["metric", *columns]] + [
-        [labels.get(k, k), *(_cell(m, k) for m in columns.values())] for k in metric_keys
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                  enumerate(zip(row, widths)))
-        for row in rows
-    ]
-    m, t = report["model"], report["throughput"]
-    enc, dec = t["encode_images_per_s"], t["decode_images_per_s"]
-    lines = [
-        f"Reconstruction of {report['num_images']} images from {report['images']}",
-        *table,
-    ]
-    if "lpips_skipped" in report:
-        lines.append(f"LPIPS skipped: {report['lpips_skipped']}")
-    lines += [
-        f"model: f{m['downsampling_factor']} c{m['latent_channels']}, compression "
-        f"{m['compression_ratio']:g}x, {m['parameters'] / 1e6:.2f} M parameters",
-        f"throughput ({t['device']}, {t['dtype']}, batch {t['batch_size']}): encode "
-        f"{enc or 0:.2f} img/s, decode {dec or 0:.2f} img/s over {t['timed_images']} images"
-        + (" (first batch excluded as warm-up" if t["warmup_batch_excluded"] else " (with warm-up")
-        + (", partial last batch excluded)" if t.get("partial_batch_excluded") else ")"),
-        f"protocol: {report['protocol']['text']}",
-    ]
-    skipped = report.get("skipped") or {}
-    lines.append(
-        "skipped: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) if skipped else "none")
-    )
-    from kl_ae.eval_latent import format_latent
-
-    lines += format_latent(report)
-    return "\n".join(lines)
+# --- entry point (presentation: kl_ae/report.py) ---------------------------------------------
 
 
 def run(model: str, images: str, out: str | None = None, *, full_size: bool = False,
