@@ -49,20 +49,18 @@ def compute_latent_factors(
     """
     from kl_ae.data import iter_images
     from kl_ae.images import eval_transform
+    from kl_ae.latent import LatentStats
 
     device = next(vae.parameters()).device
     was_training = vae.training
     vae.eval()
-    total, total_sq, count, n_images = 0.0, 0.0, 0, 0
+    stats = LatentStats(vae.config.latent_channels, image_hw=(resolution, resolution))
+    n_images = 0
     batch: list[torch.Tensor] = []
 
     def flush() -> None:
-        nonlocal total, total_sq, count
-        x = torch.stack(batch).to(device)
-        z = vae.encode(x).latent_dist.sample().double()
-        total += z.sum().item()
-        total_sq += (z * z).sum().item()
-        count += z.numel()
+        posterior = vae.encode(torch.stack(batch).to(device)).latent_dist
+        stats.update(posterior.mean, posterior.logvar, posterior.sample())
         batch.clear()
 
     bar = tqdm(total=num_images, desc="latent statistics", disable=not progress, leave=False)
@@ -78,15 +76,14 @@ def compute_latent_factors(
         flush()
     bar.close()
     vae.train(was_training)
-    if count == 0:
+    if n_images == 0:
         raise ValueError(f"no usable image in {images!r} to compute the latent scaling factor")
-    mean = total / count
-    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    report = stats.report()  # the same definitions as the eval latent report
     return {
-        "scaling_factor": 1.0 / std,
-        "shift_factor": mean if use_shift else None,
-        "mean": mean,
-        "std": std,
+        "scaling_factor": report["scaling_factor"],
+        "shift_factor": report["shift_factor"] if use_shift else None,
+        "mean": report["z_mean"],
+        "std": report["z_std"],
         "num_images": n_images,
         "images": images,
         "resolution": resolution,

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,13 +25,13 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
-from kl_ae.config import Config, save_config
+from kl_ae.config import Config, config_to_dict, save_config
 from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
 from kl_ae.images import DataError, SkipCounter
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
-from kl_ae.perceptual import build_lpips, resolve_vgg16_trunk
+from kl_ae.perceptual import build_lpips
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 
 logger = logging.getLogger("kl_ae")
@@ -65,8 +66,6 @@ def _add_run_log(run_dir: Path, is_main: bool) -> logging.Handler | None:
 
 
 def _tracker_config(cfg: Config) -> dict:
-    from kl_ae.config import config_to_dict
-
     flat = {}
     for section, values in config_to_dict(cfg).items():
         for key, value in values.items():
@@ -85,7 +84,6 @@ def _batches(loader, counters: dict):
         for batch in loader:
             counters["batches_in_epoch"] += 1
             counters["upscaled"] += int(batch["num_upscaled"])
-            counters["skipped"] += int(batch["num_skipped"])
             for reason, n in batch["skip_reasons"].items():
                 counters["skip_reasons"].add(reason, n)
             if batch["pixel_values"].shape[0] == 0:
@@ -141,11 +139,9 @@ def _checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
     return ckpt_io.resolve_checkpoint(resume, run_dir)
 
 
-def _build(cfg: Config, accelerator: Accelerator):
-    """Models, losses' LPIPS, optimizers and schedulers, before Accelerate's prepare."""
-    perceptual, perceptual_name = None, "lpips"
-    if cfg.loss.perceptual_weight > 0:
-        perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
+def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: str):
+    """Models, optimizers and schedulers, before Accelerate's prepare (LPIPS is built at start-up)."""
+    if perceptual is not None:
         perceptual.to(accelerator.device)
     vae = load_or_build_autoencoder(cfg.model)
     ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar)
@@ -162,7 +158,7 @@ def _build(cfg: Config, accelerator: Accelerator):
         count_parameters(vae) / 1e6, count_parameters(disc) / 1e6, lr, cfg.optim.scale_lr,
         perceptual_name if perceptual is not None else "off",
     )
-    return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name
+    return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
 
 
 def train(cfg: Config, resume: str | None = None) -> Path:
@@ -176,8 +172,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     run_dir = Path(t.output_dir)
     # Unusable data or missing LPIPS weights: fail before Accelerate, models or the run directory.
     loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)
+    perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:
-        resolve_vgg16_trunk(cfg.loss.lpips_trunk)
+        perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -191,7 +188,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     try:
-        _train(cfg, accelerator, run_dir, resume, loader)
+        _train(cfg, accelerator, run_dir, resume, loader, (perceptual, perceptual_name))
     finally:
         if handler is not None:
             logger.removeHandler(handler)
@@ -199,10 +196,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     return run_dir
 
 
-def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, loader) -> None:
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, loader,
+           lpips: tuple) -> None:
     t = cfg.train
+    perceptual, perceptual_name = lpips
     set_seed(t.seed)  # identical initial weights on every rank
-    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name = _build(cfg, accelerator)
+    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
     vae = ae.vae
     ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
 
@@ -239,7 +238,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
 
 def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: dict) -> None:
     t = cfg.train
-    counters = {"upscaled": 0, "skipped": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0,
+    counters = {"upscaled": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0,
                 "nonfinite_disc": 0, "consecutive": 0, **position}
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
@@ -284,21 +283,29 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
     accelerator.wait_for_everyone()
 
 
+@contextmanager
+def _ema_weights(vae, ema: EMAModel | None):
+    """Swap the EMA weights into ``vae`` for the duration (no-op without EMA)."""
+    if ema is None:
+        yield vae
+        return
+    ema.store(vae.parameters())
+    ema.copy_to(vae.parameters())
+    try:
+        yield vae
+    finally:
+        ema.restore(vae.parameters())
+
+
 def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | None, step: int) -> None:
     """PSNR/SSIM of the (EMA) autoencoder on data.val, logged as val/*; main process only."""
     if accelerator.is_main_process:
         from kl_ae.evaluate import evaluate
 
-        if ema is not None:
-            ema.store(vae.parameters())
-            ema.copy_to(vae.parameters())
-        try:
+        with _ema_weights(vae, ema):
             report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
                               progress=False, latent=False)
-        finally:
-            if ema is not None:
-                ema.restore(vae.parameters())
-            vae.train()
+        vae.train()
         metrics = {f"val/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
         accelerator.log(metrics, step=step)
         logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -391,7 +398,7 @@ def _log_metrics(accelerator, scalars: dict, step: int, counters: dict, images_p
         "optim/lr": models.opt_ae.param_groups[0]["lr"],
         "data/epoch": counters["epoch"],
         "data/upscaled": counters["upscaled"],
-        "data/skipped": counters["skipped"],
+        "data/skipped": counters["skip_reasons"].total,
         "perf/rss_mb": _rss_mb(),
         "optim/nonfinite_ae_steps": counters["nonfinite_ae"],
         "optim/nonfinite_disc_steps": counters["nonfinite_disc"],
@@ -405,10 +412,7 @@ def _log_metrics(accelerator, scalars: dict, step: int, counters: dict, images_p
 
 def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> None:
     """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val."""
-    if ema is not None:
-        ema.store(vae.parameters())
-        ema.copy_to(vae.parameters())
-    try:
+    with _ema_weights(vae, ema):
         factors = latent_factors_for(vae, cfg)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -420,6 +424,3 @@ def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) ->
                               lpips_trunk=cfg.loss.lpips_trunk, baselines=True)
             (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
             logger.info("evaluation on %s (%s):\n%s", cfg.data.val, run_dir / "eval.json", format_report(report))
-    finally:
-        if ema is not None:
-            ema.restore(vae.parameters())
