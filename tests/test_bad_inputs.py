@@ -3,13 +3,13 @@
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 from PIL import Image
 from test_data import _make_folder, _photo
 
 from kl_ae.cli import main
+import helpers
 
 
 @pytest.fixture()
@@ -65,11 +65,8 @@ def test_nothing_usable_is_one_clear_error(tmp_path, capsys):
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"")
     (bad / "b.png").write_text("text")
-    from diffusers import AutoencoderKL
-
     export = tmp_path / "export"
-    AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                  up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8).save_pretrained(export)
+    helpers.tiny_vae().save_pretrained(export)
     assert main(["shards", str(bad), str(tmp_path / "out")]) == 2
     assert main(["eval", str(export), str(bad), "--resolution", "32"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kl-ae ")]

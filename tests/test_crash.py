@@ -5,21 +5,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from kl_ae.checkpoint import read_loop_state, resolve_checkpoint
+import helpers
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_latest_every_time(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
     run_dir = tmp_path / "run"
     overrides = [
         "model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8",

@@ -5,21 +5,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from kl_ae.shards import pack_shards
+import helpers
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["folder", "shards"])
 def test_two_process_training_runs_and_writes_once(tmp_path, source):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    photos = helpers.write_noise_photos(tmp_path / "photos", 8)
     data = str(photos)
     if source == "shards":
         data = pack_shards(photos, tmp_path / "shards", max_count=2)["pattern"]  # 4 shards, 2 per rank

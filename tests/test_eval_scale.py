@@ -7,19 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from kl_ae.cli import main
 from kl_ae.tiling import full_size_report, tiled
+import helpers
 
 
 def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4,
-                         norm_num_groups=8)
+    return helpers.tiny_vae()
 
 
 @pytest.fixture()

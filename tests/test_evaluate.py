@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from kl_ae import evaluate as ev
+import helpers
 
 RES = 32
 
@@ -37,15 +38,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=[8, 16],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    )
+    return helpers.tiny_vae()
 
 
 def _levels(shape, lo=10, hi=240, seed=0) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -12,14 +11,12 @@ from kl_ae.config import ModelConfig
 from kl_ae.export import compute_latent_factors, load_autoencoder, save_export
 from kl_ae.images import eval_transform
 from kl_ae.model import build_autoencoder
+import helpers
 
 
 @pytest.fixture()
 def folder(tmp_path):
-    rng = np.random.default_rng(1)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    return tmp_path
+    return helpers.write_noise_photos(tmp_path, 5, size=(40, 48), seed=1)
 
 
 def tiny_vae(channels=16):

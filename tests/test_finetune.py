@@ -2,29 +2,21 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 
 from kl_ae.config import ConfigError, load_config
 from kl_ae.trainer import train
+import helpers
 
 ARCH = ["model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8"]
 
 
 @pytest.fixture()
 def setup(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=8, scaling_factor=0.123, sample_size=32)
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
+    vae = helpers.tiny_vae(scaling_factor=0.123, sample_size=32)
     vae.save_pretrained(tmp_path / "original")
     return photos, tmp_path / "original"
 

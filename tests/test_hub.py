@@ -7,26 +7,22 @@ import inspect
 import json
 
 import huggingface_hub
-import numpy as np
 import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKL
-from PIL import Image
 
 from kl_ae.config import ModelConfig
 from kl_ae.export import compute_latent_factors, save_export
 from kl_ae.hub import prepare_hub_folder, push_to_hub
 from kl_ae.model import build_autoencoder
+import helpers
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+    return helpers.write_noise_photos(root, 3, size=(32, 32))
 
 
 def make_export(path, photos, latent_channels):
@@ -135,10 +131,7 @@ def test_export_command_prepares_and_pushes_the_hub_folder(tmp_path, monkeypatch
     from kl_ae.config import load_config
     from kl_ae.trainer import train
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    photos = helpers.write_noise_photos(tmp_path / "photos", 3)
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides(photos, run, steps=2) + ["data.val=", "train.eval_every=0",
                                                                     "train.tracker=none"]))

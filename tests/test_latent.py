@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL
 
 from kl_ae.evaluate import psnr_8bit
 from kl_ae.latent import LatentStats, RobustnessStats, decoder_robustness, kl_to_standard_normal
+import helpers
 
 LN4 = math.log(4.0)
 
@@ -141,15 +142,7 @@ def test_merge_of_two_halves_equals_the_whole():
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=[8, 16],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
+    return helpers.tiny_vae().eval()
 
 
 def _images(seed, n=3, size=32):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-from PIL import Image
 
 from kl_ae.config import load_config
 from kl_ae.trainer import train
+import helpers
 
 RESOLUTION, FACTOR = 32, 2  # block_out_channels [8, 16]: one downsampling
 LATENT = RESOLUTION // FACTOR
@@ -27,10 +27,7 @@ LATENT = RESOLUTION // FACTOR
 def export(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    helpers.write_noise_photos(photos, 4)
     train(load_config(None, [
         "model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8",
         f"data.train={photos}", "data.val=", f"data.resolution={RESOLUTION}", "data.num_workers=0",

@@ -1,23 +1,18 @@
 """Exact resume: N steps straight == N/2 steps + --resume latest + N/2 steps, bit for bit."""
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from kl_ae.config import load_config
 from kl_ae.shards import pack_shards
 from kl_ae.trainer import train
+import helpers
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    photos = helpers.write_noise_photos(root / "photos", 5, size=(40, 48))
     shards = pack_shards(photos, root / "shards", max_count=2)["pattern"]  # 3 shards
     return {"folder": (str(photos), 0), "shards": (shards, 2)}
 

@@ -1,22 +1,18 @@
 """Non-finite losses: skipped, counted and logged; persistent ones stop the run with the last good checkpoint intact."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from kl_ae import losses
 from kl_ae.config import load_config
 from kl_ae.trainer import TrainingDiverged, train
+import helpers
 
 
 @pytest.fixture()
 def photos(tmp_path):
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    return tmp_path
+    return helpers.write_noise_photos(tmp_path, 4)
 
 
 def config(photos, run_dir, steps, **extra):
