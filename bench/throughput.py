@@ -1,0 +1,230 @@
+"""Training throughput, side by side: kl-ae against the diffusers example trainer and a plain loop.
+
+    python bench/throughput.py --quick --peer /path/to/train_autoencoderkl.py
+    python bench/throughput.py --config configs/sd-f8c4.yaml --resolution 256 --batch 2 \\
+        --peer /path/to/train_autoencoderkl.py --out results/throughput/sd-f8c4-256
+
+Every trainer runs unmodified in its own process under bench/steptimer.py, which records when
+each optimizer step ends; runs are interleaved (ours, peer, plain, ours, ...) with the order
+rotated every repeat, so drift on a shared machine hits all of them alike. The figure is
+autoencoder updates x batch per second after ``--warmup`` updates: the peer alternates
+autoencoder and discriminator steps once the GAN is on, kl-ae and the plain loop update both
+every step, so raw steps/s would not compare like with like. Medians over ``--repeats``.
+
+Trainers:
+  kl-ae   ``kl-ae train CONFIG`` with the benchmark's settings (plus ``--variant`` changes)
+  peer    the diffusers research-project trainer (examples/research_projects/autoencoderkl/
+          train_autoencoderkl.py), a file you fetch yourself, run with the same architecture,
+          resolution, batch, precision and loss terms; it needs ``pip install datasets
+          transformers taming-transformers`` in ``--peer-python``'s environment
+  plain   bench/plain_loop.py: AutoencoderKL + lpips + PatchGAN, fp32, eager
+
+LPIPS runs with an untrained VGG16 trunk everywhere (same cost as the real one). No quality
+figure comes from this benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", default=str(REPO / "configs/quickstart.yaml"), help="kl-ae config (architecture)")
+    p.add_argument("--peer", help="path to train_autoencoderkl.py (left out: no peer column)")
+    p.add_argument("--peer-python", default=sys.executable, help="python with the peer's packages")
+    p.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--precision", choices=["bf16", "no"], default="bf16",
+                   help="kl-ae and peer precision (the plain loop is always fp32)")
+    p.add_argument("--gan", choices=["on", "off"], default="on",
+                   help="on: discriminator active from step 0 (disc_start=0); off: before disc_start")
+    p.add_argument("--lpips", choices=["on", "off"], default="on")
+    p.add_argument("--workers", type=int, default=1, help="data loader workers, every trainer")
+    p.add_argument("--warmup", type=int, default=2, help="autoencoder updates left out of the timing")
+    p.add_argument("--steps", type=int, default=6, help="timed autoencoder updates per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", help="image folder (default: the scikit-image photos, 32 files)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="an extra kl-ae run with --set overrides, e.g. fp32=train.mixed_precision=no")
+    p.add_argument("--only", help="comma-separated trainer names to run (default: all)")
+    p.add_argument("--out", help="directory for result.json and table.md")
+    p.add_argument("--quick", action="store_true", help="quickstart model, 128 px, batch 4, 2 repeats")
+    a = p.parse_args()
+    if a.quick:
+        a.config, a.resolution, a.batch, a.repeats, a.steps = str(REPO / "configs/quickstart.yaml"), 128, 4, 2, 4
+    if a.peer and not Path(a.peer).is_file():
+        p.error(f"--peer {a.peer}: no such file (fetch train_autoencoderkl.py from the diffusers repository)")
+    return a
+
+
+def _materialise_data(folder: Path, n: int = 32) -> Path:
+    """n JPEG files cycling through the scikit-image photos (offline, shipped with the install)."""
+    from PIL import Image
+
+    from kl_ae.data import list_image_files
+
+    folder.mkdir(parents=True)
+    photos = list_image_files("builtin:train")
+    for i in range(n):
+        Image.open(photos[i % len(photos)]).convert("RGB").save(folder / f"img{i:03d}.jpg", quality=95)
+    return folder
+
+
+def _random_vgg_cache(torch_home: Path) -> None:
+    """An untrained VGG16 at torchvision's cache path, so the peer's lpips.LPIPS() runs offline at
+    its true cost (torchvision does not check cached files). Timing only."""
+    import torch
+    import torchvision
+
+    dest = torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), dest)
+
+
+def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_image: Path) -> dict:
+    total = a.warmup + a.steps + 1
+    disc_start = 0 if a.gan == "on" else 10**9
+    lpips_w = 1.0 if a.lpips == "on" else 0.0
+    ours = [
+        f"data.train={data}", "data.val=", f"data.resolution={a.resolution}", "data.short_side_range=[]",
+        f"data.num_workers={a.workers}", f"train.batch_size={a.batch}", "train.gradient_accumulation_steps=1",
+        f"train.mixed_precision={a.precision}", f"train.max_steps={total}", f"loss.disc_start={disc_start}",
+        f"loss.perceptual_weight={lpips_w}", "loss.lpips_trunk=random", "train.checkpoint_every=1000000",
+        "train.image_every=1000000", "train.log_every=1000000", "train.tracker=none",
+        f"train.scaling_images={a.batch}",
+    ]
+    runs: dict[str, list[str]] = {}
+
+    def kl_ae(name: str, extra: list[str]) -> None:
+        sets = [*ours, f"train.output_dir={work / 'runs' / name}", *extra]
+        runs[name] = [sys.executable, "-m", "kl_ae.cli", "train", a.config, *sum((["--set", s] for s in sets), [])]
+
+    kl_ae("kl-ae", [])
+    for spec in a.variant:
+        name, _, sets = spec.partition("=")
+        kl_ae(f"kl-ae[{name}]", sets.split(","))
+    if a.peer:
+        # The peer alternates AE and D steps once the GAN is on: twice the steps for as many AE updates.
+        peer_steps = total * (2 if a.gan == "on" else 1)
+        runs["peer"] = [a.peer_python, a.peer,
+                        "--model_config_name_or_path", str(vae_dir), "--train_data_dir", str(data),
+                        "--resolution", str(a.resolution), "--train_batch_size", str(a.batch),
+                        "--max_train_steps", str(peer_steps), "--mixed_precision", a.precision,
+                        "--disc_start", str(disc_start), "--rec_loss", "l1", "--perceptual_scale", str(lpips_w),
+                        "--kl_scale", "1e-6", "--disc_scale", "0.5", "--lr_warmup_steps", "0",
+                        "--dataloader_num_workers", str(a.workers), "--use_ema", "--seed", "0",
+                        "--validation_image", str(val_image), "--validation_steps", "1000000",
+                        "--checkpointing_steps", "1000000", "--report_to", "wandb",
+                        "--output_dir", str(work / "runs" / "peer"), "--cache_dir", str(work / "hf-cache")]
+    if not a.no_plain:
+        runs["plain"] = [sys.executable, str(HERE / "plain_loop.py"), "--vae-config", str(vae_dir),
+                         "--data", str(data), "--resolution", str(a.resolution), "--batch", str(a.batch),
+                         "--steps", str(total), "--workers", str(a.workers),
+                         "--disc-start", "0" if a.gan == "on" else str(10**9)]
+    return runs
+
+
+def _images_per_s(record: dict, batch: int, warmup: int) -> tuple[float, int]:
+    """Autoencoder updates x batch per second after ``warmup`` updates; also the D updates seen."""
+    ae = [t for k, t in zip(record["kinds"], record["times_s"]) if k == "ae"]
+    if len(ae) < warmup + 2:
+        raise RuntimeError(f"only {len(ae)} autoencoder updates recorded; need {warmup + 2}")
+    n_disc = sum(1 for k, t in zip(record["kinds"], record["times_s"]) if k == "disc" and ae[warmup] < t <= ae[-1])
+    return batch * (len(ae) - 1 - warmup) / (ae[-1] - ae[warmup]), n_disc
+
+
+def _run(name: str, cmd: list[str], work: Path, env: dict, index: int) -> dict:
+    out = work / f"{name}-{index}.json"
+    log = work / f"{name}-{index}.log"
+    full = [cmd[0], str(HERE / "steptimer.py"), str(out), *cmd[1:]]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(full, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not out.is_file():
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    rec = json.loads(out.read_text())
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def main() -> None:
+    a = _parse()
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from kl_ae.config import load_config
+    from kl_ae.model import build_autoencoder
+
+    work = Path(tempfile.mkdtemp(prefix="kl-ae-throughput-"))
+    data = Path(a.data) if a.data else _materialise_data(work / "data")
+    val_image = next(p for p in sorted(data.rglob("*")) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    vae_dir = work / "vae-config"
+    build_autoencoder(load_config(a.config).model).save_config(vae_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "TORCH_HOME": str(work / "torch"), "PYTHONPATH": str(REPO)}
+    runs = _commands(a, work, data, vae_dir, val_image)
+    if "peer" in runs:
+        _random_vgg_cache(work / "torch")
+
+    names = [n for n in runs if not a.only or n in a.only.split(",")]
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(a.repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
+        for name in order:
+            rec = _run(name, runs[name], work, env, r)
+            rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
+            results[name].append(rec)
+            print(f"repeat {r + 1}/{a.repeats} {name:>18}: {rec['images_per_s']:.3f} img/s "
+                  f"(peak RSS {rec['peak_rss_mb']:.0f} MB, wall {rec['wall_s']:.0f} s)", flush=True)
+
+    summary = {n: {"images_per_s": statistics.median(x["images_per_s"] for x in v),
+                   "runs": [round(x["images_per_s"], 4) for x in v],
+                   "peak_rss_mb": max(x["peak_rss_mb"] for x in v),
+                   **({"peak_cuda_mb": max(x["peak_cuda_mb"] for x in v)} if "peak_cuda_mb" in v[0] else {}),
+                   "disc_updates_per_ae_update": v[0]["disc_updates"] / a.steps}
+               for n, v in results.items()}
+    base = summary["kl-ae"]["images_per_s"] if "kl-ae" in summary else float("nan")
+    for n, s in summary.items():
+        s["kl-ae / this"] = base / s["images_per_s"]
+    table = _table(a, summary)
+    print(table)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "date": time.strftime("%Y-%m-%d %H:%M")}
+        (out / "result.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=2))
+        (out / "table.md").write_text(table + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _table(a: argparse.Namespace, summary: dict) -> str:
+    lines = [f"config {Path(a.config).name}, {a.resolution} px, batch {a.batch}, precision {a.precision}, "
+             f"GAN {a.gan}, LPIPS {a.lpips}, workers {a.workers}, {a.steps} timed AE updates x {a.repeats} repeats",
+             "", "| trainer | images/s (median) | runs | D updates per AE update | peak RSS MB | kl-ae / this |",
+             "|---|---|---|---|---|---|"]
+    for n, s in summary.items():
+        lines.append(f"| {n} | {s['images_per_s']:.3f} | {', '.join(f'{x:.3f}' for x in s['runs'])} | "
+                     f"{s['disc_updates_per_ae_update']:.2f} | {s['peak_rss_mb']:.0f} | {s['kl-ae / this']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
