@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 LATEST = "latest"
 LOOP_STATE = "loop_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 AE_WEIGHTS = "model.safetensors"  # Accelerate's name for the first prepared model (the AE wrapper)
+AE_FSDP_SHARDS = "pytorch_model_fsdp_0"  # the same under FSDP with fsdp_state_dict_type SHARDED_STATE_DICT
 
 
 def checkpoint_name(step: int) -> str:
@@ -62,11 +64,21 @@ def run_dir_of(checkpoint: Path) -> Path:
     return Path(checkpoint).resolve().parent.parent
 
 
-def save_ema(ema, named_parameters: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """Write EMA shadow weights keyed by the autoencoder's parameter names (safetensors, no pickle)."""
+def save_ema(ema, named_parameters: list[tuple[str, torch.Tensor]], path: Path, write: bool = True) -> None:
+    """Write EMA shadow weights keyed by the autoencoder's parameter names (safetensors, no pickle).
+
+    Under FSDP2 the shadows are sharded like the parameters: call on every rank (each gathers the
+    whole tensors) with ``write`` true on one."""
     names = [n for n, _ in named_parameters]
-    tensors = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
-    save_file(tensors, str(path), metadata={"optimization_step": str(ema.optimization_step)})
+    tensors = {n: full_tensor(p).detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
+    if write:
+        save_file(tensors, str(path), metadata={"optimization_step": str(ema.optimization_step)})
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank for an FSDP2 DTensor (a collective: every rank
+    must call it, in the same order), ``t`` itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def load_ema_into(ema, named_parameters: list[tuple[str, torch.Tensor]], path: Path) -> None:
@@ -75,7 +87,10 @@ def load_ema_into(ema, named_parameters: list[tuple[str, torch.Tensor]], path: P
 
     tensors = load_file(str(path))
     for (name, _), shadow in zip(named_parameters, ema.shadow_params):
-        shadow.data.copy_(tensors[name].to(shadow.device))
+        value = tensors[name].to(shadow.device)
+        if isinstance(shadow, DTensor):  # FSDP2: keep this rank's shard (no communication)
+            value = distribute_tensor(value, shadow.device_mesh, shadow.placements, src_data_rank=None)
+        shadow.data.copy_(value)
     with safe_open(str(path), framework="pt") as f:
         ema.optimization_step = int(f.metadata()["optimization_step"])
 
@@ -93,10 +108,25 @@ def load_autoencoder_state(checkpoint: Path, use_ema: bool = True) -> dict[str, 
 
 def _raw_autoencoder_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     file = checkpoint / AE_WEIGHTS
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no {AE_WEIGHTS}")
-    state = load_file(str(file))
+    if (checkpoint / AE_FSDP_SHARDS).is_dir() and not file.is_file():
+        state = _load_sharded(checkpoint / AE_FSDP_SHARDS)
+    elif file.is_file():
+        state = load_file(str(file))
+    else:
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {AE_WEIGHTS} (nor FSDP's {AE_FSDP_SHARDS}/)")
     return {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
+
+
+def _load_sharded(directory: Path) -> dict[str, torch.Tensor]:
+    """Whole tensors from Accelerate's FSDP ``SHARDED_STATE_DICT`` directory (torch.distributed.checkpoint),
+    read in this one process."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "torch.distributed is unavailable ... assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        return _load_state_dict_from_keys(checkpoint_id=str(directory))["model"]
 
 
 def finalize_checkpoint(tmp_dir: Path, final_dir: Path, loop_state: dict) -> None:

@@ -60,8 +60,14 @@ class ModelConfig:
     use_shift_factor: bool = False
     """Export a shift_factor (latent mean) next to scaling_factor (SD3/FLUX convention)."""
     init_from: str = ""
-    """Local diffusers AutoencoderKL directory (config.json + safetensors) to fine-tune; its
-    architecture must match this section (checked before anything is built). Empty: random init."""
+    """VAE to fine-tune: a local diffusers AutoencoderKL directory (config.json + safetensors), or
+    a single LDM/SGM-layout file (.safetensors, .ckpt, .pt, .pth; e.g. an SD checkpoint's
+    first_stage_model). Its architecture must match this section (checked before anything is
+    built). Empty: random init."""
+    init_config: str = ""
+    """For a single-file init_from: a diffusers AutoencoderKL config.json (or a directory holding
+    one) that describes it and whose scaling/shift factors a decoder-only fine-tune keeps.
+    Empty: this section is the architecture and the factors are measured."""
     train_encoder: bool = True
     """False: decoder-only fine-tune (encoder and quant_conv frozen, as stabilityai's
     sd-vae-ft-mse): the latent space, and so init_from's scaling/shift factors, are kept."""
@@ -138,6 +144,10 @@ class OptimConfig:
     """Linear warm-up steps of both optimizers (0: constant LR, as LDM)."""
     max_grad_norm: float = 0.0
     """Clip each model's gradient norm to this value (0: no clipping, as LDM)."""
+    implementation: str = "auto"
+    """Adam kernel: 'fused' (one kernel per step), 'foreach' (batched over tensors), 'for-loop',
+    or 'auto' (torch's choice: foreach on GPU, for-loop on CPU). Same update, different speed
+    (BENCHMARKS.md)."""
 
 
 @dataclass
@@ -154,6 +164,13 @@ class TrainConfig:
     """Micro-batches per optimizer step (LDM kl-f8: 2)."""
     mixed_precision: str = "bf16"
     """'bf16' (autocast over fp32 weights), 'fp16' (GPU only) or 'no'."""
+    channels_last: bool = False
+    """Keep weights and inputs in channels-last memory format (NHWC convolutions)."""
+    compile: bool = False
+    """torch.compile the autoencoder and discriminator (Accelerate's dynamo_backend='inductor')."""
+    gradient_checkpointing: bool = False
+    """Recompute the autoencoder's block activations in the backward pass (diffusers'
+    enable_gradient_checkpointing): less memory per image, more compute per step."""
     seed: int = 0
     """Base seed; each process adds its rank."""
     ema_decay: float = 0.9999
@@ -161,7 +178,7 @@ class TrainConfig:
     log_every: int = 10
     """Steps between scalar logs."""
     image_every: int = 500
-    """Steps between input | reconstruction grids (TensorBoard and samples/)."""
+    """Steps between input | reconstruction grids (samples/, TensorBoard, WandB)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 3
@@ -174,7 +191,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Consecutive steps with a NaN/Inf loss or gradient (each skips its update) before the run stops."""
     tracker: str = "tensorboard"
-    """Accelerate tracker name ('tensorboard', 'wandb', ...) or 'none'."""
+    """Accelerate tracker name ('tensorboard', 'wandb', 'mlflow', ...), several comma-separated
+    ('tensorboard,wandb'), or 'none'. Scalars go to every one; sample grids to TensorBoard and WandB."""
 
 
 @dataclass
@@ -208,6 +226,8 @@ class Config:
             )
         if m.init_from:
             check_init_from(m)
+        elif m.init_config:
+            raise ConfigError("model.init_config describes a single-file model.init_from; set model.init_from too")
         elif not m.train_encoder:
             raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
         if loss.disc_loss not in ("hinge", "vanilla"):
@@ -224,6 +244,34 @@ class Config:
             raise ConfigError("train.eval_every needs data.val (images to evaluate on)")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        if self.optim.implementation not in ADAM_IMPLEMENTATIONS:
+            raise ConfigError(f"optim.implementation must be one of {ADAM_IMPLEMENTATIONS}, "
+                              f"got {self.optim.implementation!r}")
+        check_trackers(t.tracker)
+
+
+ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+
+
+def tracker_names(spec: str) -> list[str]:
+    """``train.tracker`` -> tracker names: 'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'none' -> []."""
+    return [] if spec.strip() == "none" else [name.strip() for name in spec.split(",")]
+
+
+def check_trackers(spec: str) -> None:
+    """Raise ConfigError unless every name in ``spec`` is a tracker Accelerate knows and its package
+    is installed (Accelerate itself would drop a missing one silently)."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    for name in tracker_names(spec):
+        if name not in known:
+            raise ConfigError(f"train.tracker={spec!r}: unknown tracker {name!r}; use 'none' or one or more "
+                              f"comma-separated of {known}")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)  # None: a registered custom tracker
+        if available is not None and not available():
+            raise ConfigError(f"train.tracker={spec!r}: the {name} package is not installed; pip install {name}")
 
 
 # ModelConfig field -> diffusers config.json key that must agree when fine-tuning a VAE
@@ -231,21 +279,42 @@ _INIT_FROM_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", 
                    "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 
 
-def check_init_from(m: ModelConfig) -> dict:
-    """Read ``m.init_from``'s config.json and check it matches ``m``; returns that config.
+# Single-file VAEs (LDM/SGM key layout) model.init_from accepts, read by kl_ae/single_file.py
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
-    Raises ConfigError naming the directory and every disagreeing key, before any model is built.
+
+def check_init_from(m: ModelConfig) -> dict | None:
+    """Check ``m.init_from`` (and ``m.init_config``) against ``m`` without reading any weights.
+
+    Returns the diffusers config that describes the VAE: the directory's config.json, or for a
+    single file init_config's (None without one: the model section is the architecture).
+    Raises ConfigError naming the path and every disagreeing key, before any model is built.
     """
     path = Path(m.init_from)
-    file = path / "config.json"
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir():
+        if not path.is_file():
+            raise ConfigError(f"model.init_from={m.init_from!r}: no such file")
+        if not m.init_config:
+            return None
+        source, value = "model.init_config", m.init_config
+        file = Path(value) if Path(value).is_file() else Path(value) / "config.json"
+    elif path.is_file():
+        raise ConfigError(f"model.init_from={m.init_from!r}: unknown file type {path.suffix!r}; a single-file VAE "
+                          f"must end in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    elif m.init_config:
+        raise ConfigError("model.init_config is only for a single-file model.init_from; a directory's own "
+                          "config.json describes it (leave model.init_config empty)")
+    else:
+        source, value, file = "model.init_from", m.init_from, path / "config.json"
     if not file.is_file():
-        raise ConfigError(f"model.init_from={m.init_from!r}: no config.json there; expected a local diffusers "
-                          "AutoencoderKL directory (e.g. the vae/ folder of a pipeline, or a kl-ae export)")
+        raise ConfigError(f"{source}={value!r}: no config.json there; expected a local diffusers AutoencoderKL "
+                          "directory (e.g. the vae/ folder of a pipeline, or a kl-ae export) or " + (
+                              "its config.json" if m.init_config else f"a single-file VAE {SINGLE_FILE_SUFFIXES}"))
     import json
 
     config = json.loads(file.read_text())
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConfigError(f"model.init_from={m.init_from!r} holds a {config['_class_name']}, not an AutoencoderKL")
+        raise ConfigError(f"{source}={value!r} holds a {config['_class_name']}, not an AutoencoderKL")
     bad = []
     for key in _INIT_FROM_KEYS:
         theirs = config.get(key, True if key.startswith(("use_", "mid_")) else None)
@@ -255,7 +324,7 @@ def check_init_from(m: ModelConfig) -> dict:
         if theirs != ours:
             bad.append(f"model.{key}={ours!r} but the VAE has {theirs!r}")
     if bad:
-        raise ConfigError(f"model.init_from={m.init_from!r} does not match the model config: " + "; ".join(bad)
+        raise ConfigError(f"{source}={value!r} does not match the model config: " + "; ".join(bad)
                           + " (set these keys, or use the preset of that VAE)")
     return config
 

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from kl_ae.checkpoint import EMA_WEIGHTS, load_autoencoder_state, read_loop_state, resolve_checkpoint, run_dir_of
-from kl_ae.config import Config, load_config
+from kl_ae.config import Config, check_init_from, load_config
 from kl_ae.model import build_autoencoder
 
 logger = logging.getLogger(__name__)
@@ -93,16 +93,23 @@ def compute_latent_factors(
 
 def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None = None) -> dict:
     """The factors to export: a decoder-only fine-tune keeps its init_from VAE's (the latent
-    space did not change, and the diffusion models built on it expect them); otherwise they
-    are measured on ``images`` (default ``data.train``) with :func:`compute_latent_factors`."""
+    space did not change, and the diffusion models built on it expect them; for a single file,
+    init_config's); otherwise, and for a single file without init_config, they are measured on
+    ``images`` (default ``data.train``) with :func:`compute_latent_factors`."""
     m = cfg.model
-    if m.init_from and not m.train_encoder:
-        original = json.loads((Path(m.init_from) / "config.json").read_text())
+    original = check_init_from(m) if m.init_from and not m.train_encoder else None
+    if original is not None:
+        kept_from = f"model.init_config={m.init_config}" if m.init_config else f"model.init_from={m.init_from}"
         return {"scaling_factor": original.get("scaling_factor", 0.18215),
                 "shift_factor": original.get("shift_factor"), "resolution": cfg.data.resolution,
-                "source": f"kept from model.init_from={m.init_from} (decoder-only fine-tune: encoder frozen)"}
-    return compute_latent_factors(vae, images or cfg.data.train, resolution=cfg.data.resolution,
-                                  num_images=cfg.train.scaling_images, use_shift=m.use_shift_factor)
+                "source": f"kept from {kept_from} (decoder-only fine-tune: encoder frozen)"}
+    factors = compute_latent_factors(vae, images or cfg.data.train, resolution=cfg.data.resolution,
+                                     num_images=cfg.train.scaling_images, use_shift=m.use_shift_factor)
+    if m.init_from and not m.train_encoder:  # a single file without init_config carries no factors
+        factors["source"] = (f"measured: model.init_from={m.init_from} is a single file without "
+                             "model.init_config, so its original scaling_factor is unknown")
+        logger.warning("scaling_factor %s", factors["source"])
+    return factors
 
 
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:

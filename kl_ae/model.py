@@ -7,13 +7,19 @@ under Accelerate and every gradient is synchronised across processes.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from kl_ae.config import LossConfig, ModelConfig
+from kl_ae.config import LossConfig, ModelConfig, check_init_from
 from kl_ae.discriminator import PatchDiscriminator
+from kl_ae.single_file import load_ldm_vae_weights
+
+logger = logging.getLogger(__name__)
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
@@ -39,9 +45,18 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
 
 
 def load_or_build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained(cfg.init_from)`` (local, fp32) or a random
-    :func:`build_autoencoder`; with ``train_encoder=False`` the encoder side is frozen."""
-    if cfg.init_from:
+    """``AutoencoderKL.from_pretrained(cfg.init_from)`` (local, fp32), a single LDM/SGM file loaded
+    into the architecture of ``cfg.init_config`` or ``cfg`` (:func:`load_ldm_vae_weights`, which
+    raises ConfigError), or a random :func:`build_autoencoder`; with ``train_encoder=False`` the
+    encoder side is frozen."""
+    if cfg.init_from and Path(cfg.init_from).is_file():
+        config = check_init_from(cfg)  # init_config's diffusers config, or None: this section
+        vae = load_ldm_vae_weights(AutoencoderKL.from_config(config) if config else build_autoencoder(cfg),
+                                   cfg.init_from)
+        if config is None and not cfg.train_encoder:
+            logger.warning("model.init_from is a single file without model.init_config: its scaling_factor is "
+                           "unknown, so the export measures one; set model.init_config to keep the original")
+    elif cfg.init_from:
         vae = AutoencoderKL.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
     else:
         vae = build_autoencoder(cfg)
@@ -69,8 +84,13 @@ class AutoencoderWrapper(nn.Module):
         super().__init__()
         self.vae = vae
         # LDM keeps this parameter out of the optimizer, so it stays at its initial value;
-        # learn_logvar=True trains it (SGM's learn_logvar).
-        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+        # learn_logvar=True trains it (SGM's learn_logvar). A fixed one is a buffer (same state-dict
+        # key): FSDP2's fully_shard rejects 0-dim parameters.
+        logvar = torch.full((), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer("logvar", logvar)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         """x: (B, 3, H, W) float in [-1, 1] -> reconstruction (B, 3, H, W), posterior over

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from kl_ae import losses
 from kl_ae.config import LossConfig
@@ -44,6 +46,8 @@ def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, opt
         return None
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     norm = accelerator.clip_grad_norm_(module.parameters(), limit)
+    if isinstance(norm, DTensor):  # FSDP2: a replicated DTensor; the loop logs plain tensors
+        norm = norm.full_tensor()
     if torch.isfinite(norm):
         optimizer.step()
         scheduler.step()
@@ -82,6 +86,8 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
         out[f"loss/{m.perceptual_name}"] = perceptual.detach().mean()
     if disc_factor > 0:
         disc = accelerator.unwrap_model(m.discriminator).discriminator
+        if isinstance(m.discriminator, FSDPModule):  # D is called below its FSDP2 root: gather its shards
+            m.discriminator.unshard()  # (resharded after discriminator_step's backward)
         disc.requires_grad_(False)  # the generator term must not leave gradients on D
         with accelerator.autocast():
             logits_fake = disc(reconstruction).float()

@@ -1,9 +1,10 @@
 """The training loop around :mod:`kl_ae.step`: data, Accelerate, EMA, logging, checkpoints, export.
 
-Runs as a plain process (CPU or one GPU) and under ``accelerate launch`` (DDP). The run directory
-describes itself: config.yaml (written before step 0), train.log, logs/ (TensorBoard),
-samples/step-NNNNNNN.png (input | reconstruction), checkpoints/step-NNNNNNN/ + checkpoints/latest,
-export/ (diffusers layout) and eval.json when ``data.val`` is set.
+Runs as a plain process (CPU or one GPU) and under ``accelerate launch`` (DDP or FSDP2, see
+:mod:`kl_ae.distributed`). The run directory describes itself: config.yaml (written before
+step 0), train.log, logs/ (TensorBoard), samples/step-NNNNNNN.png (input | reconstruction),
+checkpoints/step-NNNNNNN/ + checkpoints/latest, export/ (diffusers layout) and eval.json when
+``data.val`` is set.
 """
 
 from __future__ import annotations
@@ -19,24 +20,29 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
-from kl_ae.config import Config, config_to_dict, save_config
+from kl_ae.config import Config, save_config, tracker_names
 from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader
+from kl_ae.distributed import check_distributed, check_fsdp_units, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
 from kl_ae.images import DataError, SkipCounter
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.perceptual import build_lpips
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
+from kl_ae.tracking import flat_config, init_kwargs, log_images
 
 logger = logging.getLogger("kl_ae")
 
 ADAM_BETAS = (0.5, 0.9)  # LDM/taming GAN setting, for both optimizers
+# optim.implementation -> torch.optim.Adam keyword arguments (same update, different kernels)
+_ADAM_KERNEL = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True},
+                "for-loop": {"foreach": False, "fused": False}}
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,14 +69,6 @@ def _add_run_log(run_dir: Path, is_main: bool) -> logging.Handler | None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     return handler
-
-
-def _tracker_config(cfg: Config) -> dict:
-    flat = {}
-    for section, values in config_to_dict(cfg).items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
 
 
 def _batches(loader, counters: dict):
@@ -100,9 +98,7 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
     """Save and log an input | reconstruction grid of up to 4 images (main process)."""
     grid = pair_grid(x, rec)
     save_grid(grid, run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":  # grids go to TensorBoard; other trackers: samples/*.png
-            tracker.writer.add_image("samples/input_reconstruction", grid, global_step=step)
+    log_images(accelerator, {"samples/input_reconstruction": grid}, step)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, position: dict,
@@ -118,9 +114,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, position
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if ema is not None:  # every rank: under FSDP2 each contributes its shards
+        ckpt_io.save_ema(ema, list(vae.named_parameters()), tmp / ckpt_io.EMA_WEIGHTS,
+                         write=accelerator.is_main_process)
     if accelerator.is_main_process:
-        if ema is not None:
-            ckpt_io.save_ema(ema, list(vae.named_parameters()), tmp / ckpt_io.EMA_WEIGHTS)
         ckpt_io.finalize_checkpoint(tmp, ckpts / name, {"step": step, **position})
         logger.info("saved checkpoint %s", ckpts / name)
         for path in ckpt_io.prune_checkpoints(ckpts, keep_last):
@@ -147,8 +144,14 @@ def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: s
     ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar)
     disc = build_discriminator(cfg.loss)
     lr = scaled_learning_rate(cfg, accelerator.num_processes)
-    opt_ae = torch.optim.Adam([p for p in ae.parameters() if p.requires_grad], lr=lr, betas=ADAM_BETAS)
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=ADAM_BETAS)
+    if cfg.train.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if cfg.train.channels_last:
+        ae.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
+    kernel = _ADAM_KERNEL[cfg.optim.implementation]
+    opt_ae = torch.optim.Adam([p for p in ae.parameters() if p.requires_grad], lr=lr, betas=ADAM_BETAS, **kernel)
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=ADAM_BETAS, **kernel)
     warmup = cfg.optim.lr_warmup_steps
     sched_ae = get_scheduler("constant_with_warmup", opt_ae, num_warmup_steps=warmup)
     sched_disc = get_scheduler("constant_with_warmup", opt_disc, num_warmup_steps=warmup)
@@ -178,10 +181,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=None if t.tracker == "none" else t.tracker,
+        log_with=tracker_names(t.tracker) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         step_scheduler_with_optimizer=False,
+        # None: Accelerate's default, i.e. what `accelerate launch --dynamo_backend` asked for
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
     )
+    check_distributed(accelerator, cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -203,14 +209,16 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
     vae = ae.vae
-    ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
 
     raw_loader = loader
     if not is_shard_source(cfg.data.train):  # webdataset splits shards by node itself
         loader = accelerator.prepare(loader)
-    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = accelerator.prepare(
-        ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
-    )
+    # One model (with its optimizer) per call: FSDP2 shards one model per prepare.
+    ae, opt_ae, sched_ae = accelerator.prepare(ae, opt_ae, sched_ae)
+    disc, opt_disc, sched_disc = accelerator.prepare(disc, opt_disc, sched_disc)
+    check_fsdp_units(ae)
+    # After prepare, so that under FSDP2 the EMA is sharded like the (DTensor) parameters.
+    ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
     if ema is not None:
         ema.to(accelerator.device)
     models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
@@ -230,8 +238,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, position["epoch"],
                     position["batches_in_epoch"])
 
-    if accelerator.is_main_process and t.tracker != "none":
-        accelerator.init_trackers("kl-ae", config=_tracker_config(cfg))
+    if accelerator.is_main_process and tracker_names(t.tracker):
+        accelerator.init_trackers("kl-ae", config=flat_config(cfg), init_kwargs=init_kwargs(run_dir))
     _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position)
     accelerator.end_training()
 
@@ -245,8 +253,9 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     last_saved = step
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     for x in _batches(loader, counters) if step < t.max_steps else ():
-        x = x.to(accelerator.device, non_blocking=True)
+        x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
         with accelerator.accumulate(models.autoencoder, models.discriminator):
             rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
             scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
@@ -278,6 +287,8 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
     _check_replicas(accelerator, models)
     if last_saved != step:
         save_checkpoint(accelerator, run_dir, step, _position(counters), ema, vae, t.keep_last)
+    if accelerator.is_fsdp2:  # every rank gathers its shards; the main process exports a plain copy
+        vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
         _finish(cfg, run_dir, vae, ema, step)
     accelerator.wait_for_everyone()
@@ -299,6 +310,8 @@ def _ema_weights(vae, ema: EMAModel | None):
 
 def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | None, step: int) -> None:
     """PSNR/SSIM of the (EMA) autoencoder on data.val, logged as val/*; main process only."""
+    if accelerator.is_fsdp2:  # every rank gathers its shards; the main process evaluates a plain copy
+        vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
         from kl_ae.evaluate import evaluate
 
@@ -316,6 +329,10 @@ def _check_replicas(accelerator: Accelerator, models: StepModels) -> None:
     """Log whether every rank ends with the same autoencoder and discriminator parameters
     (sha256 of their bytes): DDP should keep them identical; a difference is logged as an error."""
     if accelerator.num_processes == 1:
+        return
+    if accelerator.is_fsdp2:  # ranks hold different shards by design
+        if accelerator.is_main_process:
+            logger.info("parameters sharded by FSDP2 across %d ranks: replica check skipped", accelerator.num_processes)
         return
     import hashlib
 
