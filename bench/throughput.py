@@ -56,8 +56,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--lpips", choices=["on", "off"], default="on")
     p.add_argument("--workers", type=int, default=1, help="data loader workers, every trainer")
     p.add_argument("--warmup", type=int, default=2, help="autoencoder updates left out of the timing")
-    p.add_argument("--steps", type=int, default=6, help="timed autoencoder updates per run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, help="timed autoencoder updates per run (default 6; --quick 4)")
+    p.add_argument("--repeats", type=int, help="runs of each trainer (default 3; --quick 2)")
     p.add_argument("--data", help="image folder (default: the scikit-image photos, 32 files)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="an extra kl-ae run with --set overrides, e.g. fp32=train.mixed_precision=no")
@@ -66,7 +66,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="quickstart model, 128 px, batch 4, 2 repeats")
     a = p.parse_args()
     if a.quick:
-        a.config, a.resolution, a.batch, a.repeats, a.steps = str(REPO / "configs/quickstart.yaml"), 128, 4, 2, 4
+        a.config, a.resolution, a.batch = str(REPO / "configs/quickstart.yaml"), 128, 4
+    a.steps = a.steps or (4 if a.quick else 6)
+    a.repeats = a.repeats or (2 if a.quick else 3)
     if a.peer and not Path(a.peer).is_file():
         p.error(f"--peer {a.peer}: no such file (fetch train_autoencoderkl.py from the diffusers repository)")
     return a

@@ -180,6 +180,13 @@ def adaptive_generator_weight(
     """
     (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    return adaptive_weight_from_grads(nll_grad, g_grad, disc_weight)
+
+
+def adaptive_weight_from_grads(nll_grad: torch.Tensor, g_grad: torch.Tensor, disc_weight: float = 0.5) -> torch.Tensor:
+    """:func:`adaptive_generator_weight` from the two gradients w.r.t. the last layer, however
+    they were obtained (the training step chains them from the reconstruction's gradients so that
+    LPIPS and D are backpropagated once per step). Same formula, constants and return value."""
     ratio = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + _ADAPTIVE_EPS)
     return (torch.clamp(ratio, 0.0, _ADAPTIVE_MAX) * disc_weight).detach()
 

@@ -55,6 +55,30 @@ def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, opt
     return norm.detach()
 
 
+def _reconstruction_grads(nll: torch.Tensor, g_loss: torch.Tensor, reconstruction: torch.Tensor,
+                          logvar: torch.Tensor) -> dict:
+    """d nll / d reconstruction and d g_loss / d reconstruction, (B, 3, H, W) float32: one backward
+    through LPIPS and one through D, shared by the adaptive weight and the update. "logvar":
+    a 0-dim term whose backward gives the learned logvar its gradient (0. when it is fixed).
+
+    Exact because the nll depends on the trainable parameters only through the reconstruction
+    (and logvar) and g_loss only through the reconstruction (D is frozen in this step); without it
+    the adaptive weight's two autograd.grad calls and the update would traverse LPIPS and D twice.
+    """
+    wrt = [reconstruction, logvar] if logvar.requires_grad else [reconstruction]
+    nll_grads = torch.autograd.grad(nll, wrt, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss, reconstruction, retain_graph=True)
+    logvar_term = logvar * nll_grads[1].detach() if logvar.requires_grad else 0.0
+    return {"nll": nll_grads[0].detach(), "g": g_grad.detach(), "logvar": logvar_term}
+
+
+def _chain_to(last_layer: torch.Tensor, reconstruction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. ``last_layer`` of a loss whose gradient w.r.t. ``reconstruction`` is
+    ``grad`` (the chain rule through the last layer alone; nothing accumulates into .grad)."""
+    (out,) = torch.autograd.grad(reconstruction, last_layer, grad_outputs=grad, retain_graph=True)
+    return out
+
+
 def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, step: int,
                      cfg: LossConfig, max_grad_norm: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Reconstruct, compute nll + kl_weight * KL (+ adaptive GAN term after disc_start), update.
@@ -93,10 +117,19 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
             logits_fake = disc(reconstruction).float()
         disc.requires_grad_(True)
         g_loss = losses.generator_loss(logits_fake)
-        d_weight = losses.adaptive_generator_weight(nll, g_loss, ae.last_layer, cfg.disc_weight)
+        last_layer = ae.last_layer  # before any backward: under FSDP2 that swaps in the sharded parameter
+        grads = _reconstruction_grads(nll, g_loss, reconstruction, ae.logvar)
+        d_weight = losses.adaptive_weight_from_grads(
+            _chain_to(last_layer, reconstruction, grads["nll"]),
+            _chain_to(last_layer, reconstruction, grads["g"]), cfg.disc_weight)
         loss = loss + d_weight * disc_factor * g_loss
         out.update({"loss/g": g_loss.detach(), "disc/adaptive_weight": d_weight})
-    norm = _update(accelerator, loss, m.autoencoder, m.opt_ae, m.sched_ae, max_grad_norm)
+        # Same gradients as backward(loss), with LPIPS and D backpropagated once instead of twice
+        backward_target = ((reconstruction * (grads["nll"] + d_weight * disc_factor * grads["g"])).sum()
+                           + cfg.kl_weight * kl + grads["logvar"])
+    else:
+        backward_target = loss
+    norm = _update(accelerator, backward_target, m.autoencoder, m.opt_ae, m.sched_ae, max_grad_norm)
     if norm is not None:
         out["optim/ae_grad_norm"] = norm
     out["loss/total"] = loss.detach()

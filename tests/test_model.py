@@ -80,3 +80,57 @@ def test_logvar_is_trained_only_when_asked(learn):
     autoencoder_step(acc, m, x, step=0, cfg=cfg)
     changed = m.autoencoder.logvar.item() != 0.0
     assert changed == learn
+
+
+class _Perceptual(torch.nn.Module):
+    """A frozen, differentiable stand-in for LPIPS: (B, 1, 1, 1) feature distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3).requires_grad_(False)
+
+    def forward(self, x, y):
+        return ((self.conv(x) - self.conv(y)) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("learn_logvar", [False, True])
+def test_step_gradients_equal_backward_of_the_full_loss(learn_logvar):
+    """The step backpropagates LPIPS and D once (gradients w.r.t. the reconstruction, chained to
+    the last layer for the adaptive weight); the result must be backward() of the LDM loss."""
+    import copy
+
+    from kl_ae import losses
+
+    m, cfg = tiny_models(disc_start=0, learn_logvar=learn_logvar)
+    cfg.kl_weight, cfg.perceptual_weight = 0.5, 1.0  # large enough that every term shows
+    m.perceptual = _Perceptual()
+    with torch.no_grad():
+        m.autoencoder.logvar.fill_(0.3)
+    ref = copy.deepcopy(m.autoencoder)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    torch.manual_seed(1)
+    rec, posterior = ref(x)
+    rec = rec.float()
+    nll = losses.nll_loss(losses.reconstruction_loss(x, rec, None, 0.0) + m.perceptual(x, rec), ref.logvar)
+    disc = m.discriminator.discriminator.requires_grad_(False)
+    g_loss = losses.generator_loss(disc(rec))
+    disc.requires_grad_(True)
+    d_weight = losses.adaptive_generator_weight(nll, g_loss, ref.last_layer, cfg.disc_weight)
+    (nll + cfg.kl_weight * losses.kl_loss(posterior) + d_weight * g_loss).backward()
+    expected = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+
+    params = dict((n, p) for n, p in m.autoencoder.named_parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    m.opt_ae = torch.optim.SGD(params.values(), lr=1.0)  # update = -gradient
+    m.sched_ae = torch.optim.lr_scheduler.LambdaLR(m.opt_ae, lambda s: 1.0)
+    torch.manual_seed(1)
+    _, out = autoencoder_step(Accelerator(cpu=True), m, x, step=0, cfg=cfg)
+    assert out["disc/adaptive_weight"].item() == pytest.approx(d_weight.item(), rel=1e-4)
+    assert ("logvar" in expected) == learn_logvar
+    # float32 summation orders differ: tolerance relative to the largest gradient (some biases
+    # before a GroupNorm have a true gradient of 0 and carry only rounding noise)
+    scale = max(g.abs().max().item() for g in expected.values())
+    for n, p in params.items():
+        torch.testing.assert_close(before[n] - p.detach(), expected[n], rtol=1e-3, atol=1e-4 * scale,
+                                   msg=lambda s, n=n: f"{n}: {s}")

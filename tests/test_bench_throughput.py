@@ -1,0 +1,52 @@
+"""The throughput benchmark's clock and arithmetic (no timing is asserted: that is the benchmark's job)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steptimer_records_each_update_and_tells_autoencoder_from_discriminator(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import torch\n"
+        "decoder_out = torch.nn.Conv2d(8, 3, 3)  # like decoder.conv_out: 3 output channels\n"
+        "patch_gan = torch.nn.Conv2d(3, 64, 4)\n"
+        "opt_ae = torch.optim.Adam(decoder_out.parameters())\n"
+        "opt_d = torch.optim.Adam(patch_gan.parameters())\n"
+        "for _ in range(3):\n"
+        "    opt_ae.step()\n"
+        "    opt_d.step()\n"
+        "opt_ae.step()\n"
+    )
+    out = tmp_path / "steps.json"
+    subprocess.run([sys.executable, str(BENCH / "steptimer.py"), str(out), str(script)], check=True)
+    record = json.loads(out.read_text())
+    assert record["kinds"] == ["ae", "disc"] * 3 + ["ae"]
+    assert record["times_s"] == sorted(record["times_s"]) and record["times_s"][0] == 0.0
+    assert record["peak_rss_mb"] > 0
+
+
+def test_images_per_s_counts_autoencoder_updates_after_warmup():
+    throughput = _load("throughput")
+    # AE updates at 0, 1, 3, 5, 7 s (alternating with D as the peer does), batch 4, warmup 1:
+    # 3 updates x 4 images in 6 s after the warm-up update.
+    record = {"kinds": ["ae", "ae", "disc", "ae", "disc", "ae", "disc", "ae"],
+              "times_s": [0, 1, 2, 3, 4, 5, 6, 7]}
+    images_per_s, disc_updates = throughput._images_per_s(record, batch=4, warmup=1)
+    assert images_per_s == pytest.approx(12 / 6)
+    assert disc_updates == 3
+    with pytest.raises(RuntimeError, match="autoencoder updates"):
+        throughput._images_per_s({"kinds": ["ae", "ae"], "times_s": [0, 1]}, batch=4, warmup=1)
