@@ -49,8 +49,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--precision", choices=["bf16", "no"], default="bf16",
-                   help="kl-ae and peer precision (the plain loop is always fp32)")
+    p.add_argument("--precision", choices=["auto", "bf16", "no"], default="auto",
+                   help="kl-ae and peer precision (the plain loop is always fp32); auto: bf16 where the "
+                        "device has bf16 arithmetic, else no (kl_ae/precision.py)")
     p.add_argument("--gan", choices=["on", "off"], default="on",
                    help="on: discriminator active from step 0 (disc_start=0); off: before disc_start")
     p.add_argument("--lpips", choices=["on", "off"], default="on")
@@ -78,7 +79,7 @@ def _materialise_data(folder: Path, n: int = 32) -> Path:
     """n JPEG files cycling through the scikit-image photos (offline, shipped with the install)."""
     from PIL import Image
 
-    from kl_ae.data import list_image_files
+    from kl_ae.sources import list_image_files
 
     folder.mkdir(parents=True)
     photos = list_image_files("builtin:train")
@@ -173,6 +174,11 @@ def main() -> None:
     from kl_ae.config import load_config
     from kl_ae.model import build_autoencoder
 
+    from kl_ae.precision import resolve_mixed_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a.precision, note, _ = resolve_mixed_precision(a.precision, device)  # one value for kl-ae and the peer
+    print(note, flush=True)
     work = Path(tempfile.mkdtemp(prefix="kl-ae-throughput-"))
     data = Path(a.data) if a.data else _materialise_data(work / "data")
     val_image = next(p for p in sorted(data.rglob("*")) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
@@ -211,6 +217,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision": a.precision,
+                "precision_note": note,
                 "date": time.strftime("%Y-%m-%d %H:%M")}
         (out / "result.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=2))
         (out / "table.md").write_text(table + "\n")

@@ -1,7 +1,7 @@
 """``kl-ae bench``: autoencoders against classical codecs at matched bits per pixel (bpp).
 
 Images, crops and metrics follow ``kl_ae.evaluate`` exactly (R x R centre crops, PSNR/SSIM/LPIPS
-on 8-bit images through :func:`kl_ae.evaluate.image_metrics`, per-image values averaged), so a
+on 8-bit images through :func:`kl_ae.metrics.image_metrics`, per-image values averaged), so a
 bench row and a ``kl-ae eval`` number agree. What is added here is the rate of each method:
 
 - Autoencoder: decode(posterior mode) of an R x R image whose latent has c · (R/f)² elements.
@@ -45,12 +45,13 @@ import torch
 from tqdm import tqdm
 
 from kl_ae import codecs as cx
-from kl_ae.data import iter_images
+from kl_ae.sources import iter_images
 from kl_ae.evaluate import (
-    EVAL_DTYPE, SSIM_KERNEL_SIZE, AutoencoderReconstructor, _load_lpips, _protocol,
-    downsampling_factor, model_summary, score_reconstructors, summarise,
+    EVAL_DTYPE, AutoencoderReconstructor, _load_lpips, _protocol, downsampling_factor, model_summary,
+    score_reconstructors, summarise,
 )
 from kl_ae.images import SkipCounter, eval_transform
+from kl_ae.metrics import SSIM_KERNEL_SIZE
 
 LATENT_BITS = {"fp32": 32, "bf16": 16, "8bit": 8}  # bits stored per latent element
 TARGET_STORAGES = ("bf16", "8bit")  # the autoencoder rates the codecs are matched to and plotted

@@ -37,7 +37,7 @@ def _export(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from kl_ae.evaluate import run
 
-    from kl_ae.evaluate import process_state
+    from kl_ae.distributed import process_state
 
     run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
         lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,

@@ -20,7 +20,7 @@ A codec is usable when ``PIL.features`` reports its library and a 16 x 16 image 
 encode/decode round trip here; others are skipped with the reason (:func:`codec_status`).
 
 :func:`bench_codecs` scores whole batches of eval crops at matched rates and over quality sweeps
-through :func:`kl_ae.evaluate.image_metrics`, the metric code the autoencoders go through.
+through :func:`kl_ae.metrics.image_metrics`, the metric code the autoencoders go through.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import torch
 from PIL import Image, features
 from tqdm import tqdm
 
-from kl_ae.evaluate import EVAL_DTYPE, image_metrics, summarise, to_8bit
+from kl_ae.evaluate import EVAL_DTYPE, summarise
+from kl_ae.metrics import image_metrics, to_8bit
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from kl_ae.precision import CHOICES as PRECISION_CHOICES
+
 
 class _Yaml12Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 booleans: only true/false, so ``mixed_precision: no`` stays "no"."""
@@ -162,10 +164,13 @@ class TrainConfig:
     """Images per process per micro-batch (LDM kl-f8: 12)."""
     gradient_accumulation_steps: int = 2
     """Micro-batches per optimizer step (LDM kl-f8: 2)."""
-    mixed_precision: str = "bf16"
-    """'bf16' (autocast over fp32 weights), 'fp16' (GPU only) or 'no'."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where the device has bf16 arithmetic: Ampere+ GPUs, CPUs with AVX512-BF16 or
+    AMX; fp32 elsewhere, see kl_ae/precision.py), 'bf16' (autocast over fp32 weights), 'fp16'
+    (GPU only) or 'no' (fp32)."""
     channels_last: bool = False
-    """Keep weights and inputs in channels-last memory format (NHWC convolutions)."""
+    """Keep the autoencoder's, discriminator's and LPIPS trunk's weights, and the inputs, in
+    channels-last memory format (NHWC convolutions; same values, a speed option)."""
     compile: bool = False
     """torch.compile the autoencoder and discriminator (Accelerate's dynamo_backend='inductor')."""
     gradient_checkpointing: bool = False
@@ -232,8 +237,8 @@ class Config:
             raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
         if loss.disc_loss not in ("hinge", "vanilla"):
             raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
-        if t.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {t.mixed_precision!r}")
+        if t.mixed_precision not in PRECISION_CHOICES:
+            raise ConfigError(f"train.mixed_precision must be one of {PRECISION_CHOICES}, got {t.mixed_precision!r}")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
                     "image_every", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(t, key) <= 0:

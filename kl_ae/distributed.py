@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, parse_flag_from_env
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from torch import nn
@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED = ("one process, DDP (configs/accelerate/multi-gpu.yaml, multi-node.yaml) and FSDP2 with "
              "fsdp_auto_wrap_policy: NO_WRAP (configs/accelerate/fsdp.yaml)")
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state, built the way ``Accelerator()`` builds it, so it can be asked
+    (device, rank) before the Accelerator exists and the Accelerator then reuses it. The CPU flag
+    matters: ``accelerate launch --cpu``/``ACCELERATE_USE_CPU=1`` runs (multi-process CPU, gloo)
+    are only recognised when it is passed; a plain ``PartialState()`` built first would leave
+    every process believing it runs alone."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def check_distributed(accelerator: Accelerator, cfg: Config) -> None:

@@ -2,7 +2,7 @@
 
 Protocol (also written into every report, so a number never travels without it):
 
-- Each image goes through ``kl_ae.data.eval_transform``: short side resized to R (bicubic,
+- Each image goes through ``kl_ae.images.eval_transform``: short side resized to R (bicubic,
   antialias), centre crop R x R, values in [-1, 1].
 - Reconstruction x̂ = decode(posterior MODE): deterministic, no sampling; fp32, eval mode.
 - x and x̂ are clamped to [-1, 1], mapped to [0, 1] and rounded to k/255 (what saving an 8-bit
@@ -35,24 +35,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 from diffusers import AutoencoderKL
 from torch import nn
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 from tqdm import tqdm
 
-from kl_ae.data import iter_indexed_images
+from kl_ae.distributed import process_state
 from kl_ae.images import SkipCounter, eval_transform
+from kl_ae.metrics import SSIM_KERNEL_SIZE, image_metrics
 from kl_ae.perceptual import LPIPSWeightsError, build_lpips
 from kl_ae.report import format_report  # noqa: F401 (re-exported)
+from kl_ae.sources import iter_indexed_images
 
 Reconstructor = Callable[[torch.Tensor], torch.Tensor]
 
-SSIM_KERNEL_SIZE = 11  # Wang et al. 2004: 11x11 circular-symmetric gaussian window, sigma 1.5
-SSIM_SIGMA = 1.5
 LPIPS_NET = "vgg"  # the trunk the LDM/SD loss and most published VAE tables use
 EVAL_DTYPE = torch.float32  # evaluation precision; fp16 overflows in SD-family VAEs
 
@@ -61,55 +56,6 @@ BASELINE_DESCRIPTIONS = {
     "bicubic": "downsample by the autoencoder's factor f (bicubic, antialias), "
     "upsample back (bicubic), clamp to [-1, 1]",
 }
-
-
-# --- metrics -------------------------------------------------------------------------------
-
-
-def to_8bit(x: torch.Tensor) -> torch.Tensor:
-    """x: float in [-1, 1] (values outside are clamped) -> same shape in [0, 1] on k/255."""
-    return torch.round((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5) / 255.0
-
-
-def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of 8-bit-rounded images, data range 1.0.
-
-    x, x_hat: (B, 3, H, W) float in [-1, 1] -> (B,) float; +inf where the 8-bit images are equal.
-    """
-    return peak_signal_noise_ratio(
-        to_8bit(x_hat), to_8bit(x), data_range=1.0, dim=(1, 2, 3), reduction="none"
-    )
-
-
-def ssim_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004, torchmetrics) of 8-bit-rounded images, data range 1.0.
-
-    x, x_hat: (B, 3, H, W) float in [-1, 1], H and W >= 11 -> (B,) float, at most 1.
-    """
-    return structural_similarity_index_measure(
-        to_8bit(x_hat),
-        to_8bit(x),
-        gaussian_kernel=True,
-        sigma=SSIM_SIGMA,
-        kernel_size=SSIM_KERNEL_SIZE,
-        data_range=1.0,
-        reduction="none",
-    )
-
-
-def image_metrics(
-    x: torch.Tensor, x_hat: torch.Tensor, lpips: tuple[nn.Module, str] | None = None
-) -> dict[str, torch.Tensor]:
-    """All per-image metrics of one batch: {"psnr", "ssim"(, lpips name)} -> (B,) tensors.
-
-    x, x_hat: (B, 3, H, W) float in [-1, 1]. lpips: (module, metric name) from ``build_lpips``;
-    it sees the same 8-bit images as PSNR/SSIM, mapped back to [-1, 1].
-    """
-    out = {"psnr": psnr_8bit(x, x_hat), "ssim": ssim_8bit(x, x_hat)}
-    if lpips is not None:
-        module, name = lpips
-        out[name] = module(to_8bit(x) * 2 - 1, to_8bit(x_hat) * 2 - 1).flatten()
-    return out
 
 
 # --- reconstructors ------------------------------------------------------------------------
@@ -210,14 +156,6 @@ def _batches(
         yield [(i, name) for i, name, _ in chunk], torch.stack(
             [eval_transform(img, resolution) for _, _, img in chunk]
         )
-
-
-def process_state() -> PartialState:
-    """Accelerate's process state. ``accelerate launch --cpu``/``ACCELERATE_USE_CPU=1`` runs
-    (multi-process CPU, gloo) are only recognised when asked for explicitly."""
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _gather(names: list, scores: dict, counter: SkipCounter) -> tuple[list, dict, SkipCounter]:
@@ -358,7 +296,7 @@ def evaluate(
     rfid_weights: Inception weights for rFID (None: the default location; "none": skip); without
     them the report says "rfid_skipped" and gives no number. lpips_net: "vgg" or "alex".
 
-    images: a spec for ``kl_ae.data.iter_images`` (folder, webdataset shards or 'builtin:val').
+    images: a spec for ``kl_ae.sources.iter_images`` (folder, webdataset shards or 'builtin:val').
     The model is moved to ``device`` (default: CUDA if available, else CPU) in float32 and put
     in eval mode, in place. lpips_trunk: passed to ``build_lpips`` ("auto", "random", ...);
     None skips LPIPS. Returns a JSON-serialisable report (see the module docstring and

@@ -47,7 +47,7 @@ def compute_latent_factors(
     Returns a dict with scaling_factor, shift_factor (None unless use_shift), mean, std,
     num_images and images. Raises ValueError when no image could be read.
     """
-    from kl_ae.data import iter_images
+    from kl_ae.sources import iter_images
     from kl_ae.images import eval_transform
     from kl_ae.latent import LatentStats
 

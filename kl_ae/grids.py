@@ -32,7 +32,7 @@ def reconstruction_grid(vae, images: str, path: str | Path, *, resolution: int =
     reconstructions decode(posterior mode), written to ``path``; with ``amplify`` a third
     column shows |x - x̂| times amplify (:func:`difference_grid`). To show chosen images, point
     ``images`` at a folder holding them."""
-    from kl_ae.data import iter_images
+    from kl_ae.sources import iter_images
     from kl_ae.images import eval_transform
 
     crops = []

@@ -18,9 +18,10 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from kl_ae.data import iter_images
-from kl_ae.evaluate import downsampling_factor, psnr_8bit, ssim_8bit
+from kl_ae.sources import iter_images
+from kl_ae.evaluate import downsampling_factor
 from kl_ae.images import to_tensor
+from kl_ae.metrics import psnr_8bit, ssim_8bit
 
 
 @contextmanager
@@ -51,7 +52,7 @@ def full_size_report(vae: AutoencoderKL, images: str, *, tile_size: int = 256, t
                      progress: bool = True) -> dict:
     """Reconstruct every image at native size; compare tiled with untiled where both run.
 
-    images: a source for ``kl_ae.data.iter_images``. tile_size: tile side in pixels (multiple of
+    images: a source for ``kl_ae.sources.iter_images``. tile_size: tile side in pixels (multiple of
     the downsampling factor f). tile_above: images with a side above this (pixels) are only
     reconstructed tiled; the others both ways. Returns ``{"protocol", "tile_size", "tile_above",
     "per_image": [{name, height, width, psnr_untiled?, psnr_tiled, ssim_untiled?, ssim_tiled,

@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config, save_config, tracker_names
 from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader
-from kl_ae.distributed import check_distributed, check_fsdp_units, unsharded_autoencoder
+from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
 from kl_ae.images import DataError, SkipCounter
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.perceptual import build_lpips
+from kl_ae.precision import resolve_mixed_precision
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 from kl_ae.tracking import flat_config, init_kwargs, log_images
 
@@ -149,6 +150,8 @@ def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: s
     if cfg.train.channels_last:
         ae.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
+        if perceptual is not None:  # its convolutions follow their weights' memory format
+            perceptual.to(memory_format=torch.channels_last)
     kernel = _ADAM_KERNEL[cfg.optim.implementation]
     opt_ae = torch.optim.Adam([p for p in ae.parameters() if p.requires_grad], lr=lr, betas=ADAM_BETAS, **kernel)
     opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=ADAM_BETAS, **kernel)
@@ -178,8 +181,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:
         perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
+    # 'auto' needs the device, which the process state knows before the Accelerator exists
+    mixed_precision, precision_note, note_level = resolve_mixed_precision(t.mixed_precision, process_state().device)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracker_names(t.tracker) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -193,6 +198,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
+    logger.log(note_level, precision_note)
     try:
         _train(cfg, accelerator, run_dir, resume, loader, (perceptual, perceptual_name))
     finally:

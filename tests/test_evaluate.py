@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from kl_ae import evaluate as ev
+from kl_ae import metrics
 import helpers
 
 RES = 32
@@ -54,27 +55,27 @@ def _levels(shape, lo=10, hi=240, seed=0) -> torch.Tensor:
 def test_psnr_constant_error_matches_hand_value(k):
     x = _levels((2, 3, 16, 16))
     x_hat = x + 2 * k / 255  # k 8-bit levels brighter everywhere
-    psnr = ev.psnr_8bit(x, x_hat)
+    psnr = metrics.psnr_8bit(x, x_hat)
     assert psnr.shape == (2,)
     assert torch.allclose(psnr, torch.full((2,), 20 * math.log10(255 / k)), atol=1e-3)
 
 
 def test_8bit_rounding_is_applied():
     x = _levels((2, 3, 16, 16))
-    q = ev.to_8bit(x + 0.3 * 2 / 255)  # less than half a level off: rounds back
+    q = metrics.to_8bit(x + 0.3 * 2 / 255)  # less than half a level off: rounds back
     assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
-    assert torch.isinf(ev.psnr_8bit(x, x + 0.3 * 2 / 255)).all()
+    assert torch.isinf(metrics.psnr_8bit(x, x + 0.3 * 2 / 255)).all()
     one_level = torch.full((2,), 20 * math.log10(255))
-    assert torch.allclose(ev.psnr_8bit(x, x + 0.7 * 2 / 255), one_level, atol=1e-3)
+    assert torch.allclose(metrics.psnr_8bit(x, x + 0.7 * 2 / 255), one_level, atol=1e-3)
     # out-of-range reconstructions are clamped, not wrapped
-    assert ev.to_8bit(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
+    assert metrics.to_8bit(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
 
 
 def test_ssim_of_identical_images_is_one_and_drops_with_noise():
     x = _levels((2, 3, 24, 24))
-    assert torch.allclose(ev.ssim_8bit(x, x), torch.ones(2), atol=1e-6)
+    assert torch.allclose(metrics.ssim_8bit(x, x), torch.ones(2), atol=1e-6)
     noisy = x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    assert (ev.ssim_8bit(x, noisy) < 0.95).all()
+    assert (metrics.ssim_8bit(x, noisy) < 0.95).all()
 
 
 # --- baselines -----------------------------------------------------------------------------

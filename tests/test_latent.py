@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from kl_ae.evaluate import psnr_8bit
+from kl_ae.metrics import psnr_8bit
 from kl_ae.latent import LatentStats, RobustnessStats, decoder_robustness, kl_to_standard_normal
 import helpers
 

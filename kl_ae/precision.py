@@ -1,0 +1,59 @@
+"""Which mixed precision a run uses: ``train.mixed_precision: auto`` picks bf16 only where the
+device computes it natively.
+
+bf16 autocast pays where the hardware has bf16 arithmetic: CUDA GPUs from Ampere on, and CPUs
+with AVX512-BF16 or AMX (measured: a quickstart training step 1.24x faster than fp32 on such a
+CPU). On a CPU without them PyTorch emulates bf16 convolutions, and the same step ran 15.7x
+*slower* than fp32 on a 2-core AMD EPYC with AVX2 only (BENCHMARKS.md has both figures and their
+commands). So ``auto`` chooses bf16 on such devices and fp32 ('no') everywhere else.
+It never chooses fp16: the SDXL-class decoders overflow it, so fp16 is only used when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+CHOICES = ("auto", "no", "bf16", "fp16")
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` has bf16 arithmetic, and what was found (for the log).
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (compute capability 8.0+). CPU: AVX512-BF16 or AMX
+    tiles, read through ``torch.cpu``'s capability checks (private helpers: where a torch release
+    lacks them the answer is False, which only costs speed). Other devices: False.
+    """
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"CUDA device {torch.cuda.get_device_name(device)}" + ("" if ok else " without bf16")
+    if device.type == "cpu":
+        found = [name for name, check in (("AVX512-BF16", "_is_avx512_bf16_supported"),
+                                          ("AMX", "_is_amx_tile_supported"))
+                 if getattr(torch.cpu, check, lambda: False)()]
+        if found:
+            return True, "CPU with " + " and ".join(found)
+        return False, "CPU without AVX512-BF16 or AMX (bf16 would be emulated)"
+    return False, f"{device.type} device (bf16 not assumed; set train.mixed_precision=bf16 to use it)"
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, str, int]:
+    """``train.mixed_precision`` -> (value for Accelerate: 'no', 'bf16' or 'fp16', a message for
+    the run log, its logging level).
+
+    'auto' becomes 'bf16' where :func:`native_bf16` holds, else 'no'. An explicit value is kept;
+    an explicit 'bf16' on a device that would emulate it comes with a WARNING-level message.
+    Raises ValueError for a value outside :data:`CHOICES` (config validation catches it earlier).
+    """
+    if requested not in CHOICES:
+        raise ValueError(f"mixed precision must be one of {CHOICES}, got {requested!r}")
+    native, what = native_bf16(device)
+    if requested == "auto":
+        resolved = "bf16" if native else "no"
+        return resolved, f"mixed precision: {resolved} (train.mixed_precision=auto on a {what})", logging.INFO
+    if requested == "bf16" and not native:
+        return requested, (f"mixed precision: bf16 on a {what}: expect it to be much slower than fp32 "
+                           "(a training step ran 16x slower on an AVX2-only CPU); use train.mixed_precision=auto or no"
+                           ), logging.WARNING
+    return requested, f"mixed precision: {requested}", logging.INFO

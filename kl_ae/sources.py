@@ -1,0 +1,186 @@
+"""Where images come from: image folders, webdataset shards and a built-in sample set.
+
+Sources (``data.train``, or the ``spec`` of :func:`iter_images`):
+- an image folder, searched recursively for .jpg .jpeg .png .webp .bmp .tif .tiff (any case;
+  hidden files and folders ignored), or one image file;
+- webdataset shards: a ``.tar``, a brace pattern ``dir/shard-{000000..000003}.tar``, a glob, or
+  ``http(s)://`` / ``pipe:`` URLs passed to webdataset unchanged (:func:`is_shard_source`);
+- ``builtin:train`` / ``builtin:val`` (``builtin:samples`` = train): photographs read from the
+  installed ``skimage/data`` folder (no fetcher, no network). Train: astronaut, coffee,
+  hubble_deep_field, ihc, motorcycle_left, motorcycle_right, retina; val: chelsea, rocket. These
+  are all the real colour photographs scikit-image ships (the rest are greyscale, synthetic or
+  alpha cut-outs). Rocket is in val because the only other candidate, motorcycle_right, is the
+  stereo partner of motorcycle_left: a near-duplicate would leak training content into val.
+
+Every reader here yields images in a fixed order (never split by rank or worker); the training
+loaders in :mod:`kl_ae.data` build on these. Undecodable images are counted by reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from glob import glob
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+
+from kl_ae.images import DataError, SkipCounter, decode
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+SHARD_URL_PREFIXES = ("http://", "https://", "pipe:")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+BUILTIN_SETS = {
+    "train": ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+              "motorcycle_left.png", "motorcycle_right.png", "retina.jpg"),
+    "val": ("chelsea.png", "rocket.jpg"),
+}
+BUILTIN_ALIASES = {"samples": "train"}
+_EXPECTED = ("expected an image folder, a shard pattern like 'shards/train-{000000..000009}.tar' "
+             "or builtin:train")
+
+
+def _decode_sample(sample: dict, draft_short_side: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """Decode a webdataset sample's first member with an image extension."""
+    for key, value in sample.items():
+        if not key.startswith("__") and key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+            return decode(value, draft_short_side)
+    return None, "no_image_member"
+
+
+def _warn_and_continue(exn: Exception) -> bool:
+    """webdataset handler: log a corrupted tar stream / sample and go on (no sleep, unlike wds')."""
+    logger.warning("webdataset: skipping after error: %r", exn)
+    return True
+
+
+def is_shard_source(spec: str | Path) -> bool:
+    """True for webdataset shards (a URL, or a path/pattern ending in .tar/.tar.gz/.tgz): their
+    loader splits by node itself and must not go through ``accelerator.prepare``; a folder's or
+    builtin set's loader must."""
+    spec = str(spec)
+    if spec.startswith(SHARD_URL_PREFIXES):
+        return True
+    return spec.lower().endswith(SHARD_SUFFIXES) and not os.path.isdir(spec)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths/URLs of a shard spec, in order (braces and globs expanded; URLs unchecked).
+    Raises DataError if a local shard is missing or nothing matches."""
+    if not is_shard_source(spec):
+        raise DataError(f"{spec!r} is not a shard source (a .tar path, brace pattern or URL)")
+    urls = list(braceexpand.braceexpand(str(spec)))
+    if str(spec).startswith(SHARD_URL_PREFIXES):
+        return urls
+    found, missing = [], []
+    for url in map(os.path.expanduser, urls):
+        if any(c in url for c in "*?["):
+            found += sorted(glob(url))
+        else:
+            (found if os.path.isfile(url) else missing).append(url)
+    if not found:
+        raise DataError(f"{spec!r}: no such file or folder (the shard pattern matches no files); "
+                        f"{_EXPECTED}")
+    if missing:
+        raise DataError(f"{spec!r}: {len(missing)} of {len(urls)} shards do not exist "
+                        f"(first: {missing[0]!r})")
+    return found
+
+
+def _builtin_files(spec: str) -> tuple[Path, list[Path]]:
+    name = spec.split(":", 1)[1]
+    name = BUILTIN_ALIASES.get(name, name)
+    if name not in BUILTIN_SETS:
+        raise DataError(f"unknown built-in data set {spec!r}; choose builtin:train, builtin:val "
+                        "or builtin:samples (= builtin:train)")
+    skimage = find_spec("skimage")  # locate the package without importing it
+    if skimage is None or skimage.origin is None:
+        raise DataError(f"{spec} needs scikit-image installed (pip install scikit-image)")
+    root = Path(skimage.origin).parent / "data"
+    files = [root / f for f in BUILTIN_SETS[name]]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{spec}: scikit-image at {root} lacks {missing}")
+    return root, files
+
+
+def _resolve_files(spec: str) -> tuple[Path, list[Path]]:
+    """``(root, sorted image files)`` of a folder, a single image file or a builtin set."""
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        return _builtin_files(spec)
+    if is_shard_source(spec):
+        raise DataError(f"{spec!r} is a webdataset shard source, not an image folder; "
+                        "use iter_images or expand_shards")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{spec!r}: no such file or folder; {_EXPECTED}")
+    if path.is_file():
+        if path.suffix[1:].lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"{spec!r} is not an image file or folder; {_EXPECTED}")
+        return path.parent, [path]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and "." in f
+                  and f.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise DataError(f"{spec!r}: folder has no images (searched recursively for "
+                        f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
+    return path, sorted(files, key=lambda f: f.relative_to(path).as_posix())
+
+
+def list_image_files(spec_or_folder: str | Path) -> list[Path]:
+    """Sorted image files of a folder (recursive), one image file or ``builtin:<set>``. Raises
+    DataError for a missing path, a folder without images, an unknown builtin set or shards."""
+    return _resolve_files(str(spec_or_folder))[1]
+
+
+def sample_key(relative_path: str) -> str:
+    """webdataset ``__key__`` of a file: its relative path with ``%`` -> ``%25`` and ``.`` ->
+    ``%2E`` (webdataset splits keys at dots; the escape keeps distinct paths distinct)."""
+    return relative_path.replace("%", "%25").replace(".", "%2E")
+
+
+def iter_images(spec: str, counter: SkipCounter | None = None) -> Iterator[tuple[str, Image.Image]]:
+    """``(name, RGB PIL image)`` for every decodable image, in a fixed order: sorted relative
+    paths (folder; file names for builtin sets) or shard order with ``__key__`` as name (never
+    split by rank or worker: every caller sees every image). Undecodable images are logged and
+    counted in ``counter``. Raises DataError for an unusable source."""
+    for _, name, img in iter_indexed_images(spec, counter):
+        yield name, img
+
+
+def iter_indexed_images(spec: str, counter: SkipCounter | None = None, *, limit: int | None = None,
+                        shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, str, Image.Image]]:
+    """Like :func:`iter_images` with the position of each item in the fixed order, for
+    multi-process evaluation: process ``shard = (index, count)`` decodes only items
+    ``i % count == index`` among the first ``limit`` items, so ranks see disjoint sets that
+    together cover every item once. Undecodable items are counted by the rank that owns them."""
+    counter = counter if counter is not None else SkipCounter()
+    index, count = shard
+    if is_shard_source(spec):  # every sample once, in shard order, not split, not shuffled
+        shards = wds.WebDataset(expand_shards(spec), shardshuffle=False, nodesplitter=None,
+                                workersplitter=None, empty_check=False, handler=_warn_and_continue)
+        items: Iterable = ((s.get("__key__", "?"), partial(_decode_sample, s)) for s in shards)
+    else:
+        root, files = _resolve_files(spec)
+        items = ((f.relative_to(root).as_posix(), partial(decode, f)) for f in files)
+    for i, (name, load) in enumerate(items):
+        if limit is not None and i >= limit:
+            break
+        if i % count != index:
+            continue
+        img, reason = load()
+        if img is None:
+            counter.add(reason)
+            logger.warning("skipping image %s: %s", name, reason)
+            continue
+        yield i, name, img

@@ -1,0 +1,97 @@
+"""train.mixed_precision: 'auto' picks bf16 only where the device computes it natively."""
+
+import logging
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+import helpers
+from kl_ae.config import ConfigError, load_config
+from kl_ae.precision import native_bf16, resolve_mixed_precision
+from kl_ae.trainer import train
+
+CPU = torch.device("cpu")
+
+
+def _cpu_caps(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, "no"), (True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16"),
+])
+def test_auto_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    _cpu_caps(monkeypatch, avx512_bf16, amx)
+    resolved, note, level = resolve_mixed_precision("auto", CPU)
+    assert resolved == expected and level == logging.INFO
+    assert note.startswith(f"mixed precision: {expected} (train.mixed_precision=auto")
+
+
+def test_cpu_without_the_capability_checks_is_not_native(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert native_bf16(CPU)[0] is False
+    assert resolve_mixed_precision("auto", CPU)[0] == "no"
+
+
+def test_explicit_bf16_is_kept_with_a_warning_where_emulated(monkeypatch):
+    _cpu_caps(monkeypatch, False, False)
+    resolved, note, level = resolve_mixed_precision("bf16", CPU)
+    assert resolved == "bf16" and level == logging.WARNING and "much slower than fp32" in note
+    _cpu_caps(monkeypatch, True, False)
+    assert resolve_mixed_precision("bf16", CPU) == ("bf16", "mixed precision: bf16", logging.INFO)
+
+
+@pytest.mark.parametrize("value", ["no", "fp16"])
+def test_explicit_values_pass_through(monkeypatch, value):
+    _cpu_caps(monkeypatch, True, True)
+    assert resolve_mixed_precision(value, CPU)[0] == value
+
+
+def test_other_devices_do_not_assume_bf16():
+    assert resolve_mixed_precision("auto", torch.device("meta"))[0] == "no"
+
+
+def test_bad_value_is_a_config_error_and_auto_is_the_default():
+    assert load_config(None).train.mixed_precision == "auto"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=bf32"])
+    with pytest.raises(ValueError, match="mixed precision"):
+        resolve_mixed_precision("bf32", CPU)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide precision: start and leave this test with a clean one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_training_runs_in_the_resolved_precision(tmp_path, monkeypatch, fresh_accelerate_state, native):
+    _cpu_caps(monkeypatch, native, False)
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
+    seen = []
+    real_autocast = torch.autocast
+
+    def spy_autocast(device_type, dtype=None, enabled=True, **kw):
+        seen.append((dtype, enabled))
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", spy_autocast)
+    cfg = load_config(None, [
+        "model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8",
+        f"data.train={photos}", "data.resolution=32", "data.num_workers=0", f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=1", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+        "train.scaling_images=2", "train.tracker=none", "loss.perceptual_weight=0",
+        "train.mixed_precision=auto",
+    ])
+    train(cfg)
+    log = (tmp_path / "run" / "train.log").read_text()
+    expected = "bf16" if native else "no"
+    assert f"mixed precision: {expected} (train.mixed_precision=auto on a CPU" in log
+    bf16_regions = [s for s in seen if s == (torch.bfloat16, True)]
+    assert bool(bf16_regions) == native
