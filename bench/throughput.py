@@ -173,7 +173,6 @@ def main() -> None:
 
     from kl_ae.config import load_config
     from kl_ae.model import build_autoencoder
-
     from kl_ae.precision import resolve_mixed_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
