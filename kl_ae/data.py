@@ -32,12 +32,11 @@ from kl_ae.config import DataConfig
 from kl_ae.images import DataError, SkipCounter, decode, train_transform  # noqa: F401 (re-exported)
 from kl_ae.images import eval_transform, resize_short_side, to_rgb, to_tensor  # noqa: F401 (re-exported)
 from kl_ae.sources import (  # noqa: F401 (re-exported)
-    BUILTIN_SETS, IMAGE_EXTENSIONS, _decode_sample, _resolve_files, _warn_and_continue, expand_shards,
-    is_shard_source, iter_images, iter_indexed_images, list_image_files, sample_key,
+    BUILTIN_SETS, IMAGE_EXTENSIONS, _resolve_files, decode_shard_sample, expand_shards, is_shard_source,
+    iter_images, iter_indexed_images, list_image_files, sample_key, warn_and_continue,
 )
 
 logger = logging.getLogger(__name__)
-
 
 
 def sample_generator(*parts: int) -> torch.Generator:
@@ -149,7 +148,7 @@ def _draft_size(short_side_range: Sequence[int] | None) -> int | None:
 def _shard_record(sample: dict, resolution: int, random_flip: bool,
                   short_side_range: Sequence[int] | None = None) -> dict:
     generator = sample_generator(*sample["__position__"]) if "__position__" in sample else None
-    return _record(*_decode_sample(sample, _draft_size(short_side_range)), sample.get("__key__", "?"),
+    return _record(*decode_shard_sample(sample, _draft_size(short_side_range)), sample.get("__key__", "?"),
                    resolution, random_flip, short_side_range, generator)
 
 
@@ -230,13 +229,13 @@ def _shard_train_dataset(cfg: DataConfig, seed: int, position: StreamPosition | 
     position = position or StreamPosition(seed, 1)
     ds = wds.WebDataset(urls, shardshuffle=len(urls), detshuffle=True, seed=seed,
                         nodesplitter=wds.split_by_node, workersplitter=position.split,
-                        empty_check=False, handler=_warn_and_continue)
+                        empty_check=False, handler=warn_and_continue)
     if cfg.shuffle_buffer > 1:
         ds = ds.compose(partial(position.shuffle, bufsize=cfg.shuffle_buffer))
     ds = ds.compose(position)
     decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
                      short_side_range=cfg.short_side_range)
-    return ds.map(decode, handler=_warn_and_continue)
+    return ds.map(decode, handler=warn_and_continue)
 
 
 def build_train_dataset(cfg: DataConfig, seed: int = 0,

@@ -47,7 +47,8 @@ _EXPECTED = ("expected an image folder, a shard pattern like 'shards/train-{0000
              "or builtin:train")
 
 
-def _decode_sample(sample: dict, draft_short_side: int | None = None) -> tuple[Image.Image | None, str | None]:
+def decode_shard_sample(sample: dict,
+                        draft_short_side: int | None = None) -> tuple[Image.Image | None, str | None]:
     """Decode a webdataset sample's first member with an image extension."""
     for key, value in sample.items():
         if not key.startswith("__") and key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
@@ -55,7 +56,7 @@ def _decode_sample(sample: dict, draft_short_side: int | None = None) -> tuple[I
     return None, "no_image_member"
 
 
-def _warn_and_continue(exn: Exception) -> bool:
+def warn_and_continue(exn: Exception) -> bool:
     """webdataset handler: log a corrupted tar stream / sample and go on (no sleep, unlike wds')."""
     logger.warning("webdataset: skipping after error: %r", exn)
     return True
@@ -168,8 +169,8 @@ def iter_indexed_images(spec: str, counter: SkipCounter | None = None, *, limit:
     index, count = shard
     if is_shard_source(spec):  # every sample once, in shard order, not split, not shuffled
         shards = wds.WebDataset(expand_shards(spec), shardshuffle=False, nodesplitter=None,
-                                workersplitter=None, empty_check=False, handler=_warn_and_continue)
-        items: Iterable = ((s.get("__key__", "?"), partial(_decode_sample, s)) for s in shards)
+                                workersplitter=None, empty_check=False, handler=warn_and_continue)
+        items: Iterable = ((s.get("__key__", "?"), partial(decode_shard_sample, s)) for s in shards)
     else:
         root, files = _resolve_files(spec)
         items = ((f.relative_to(root).as_posix(), partial(decode, f)) for f in files)
