@@ -172,11 +172,12 @@ def main() -> None:
     import torch
 
     from kl_ae.config import load_config
+    from kl_ae.distributed import process_state
     from kl_ae.model import build_autoencoder
     from kl_ae.precision import resolve_mixed_precision
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    a.precision, note, _ = resolve_mixed_precision(a.precision, device)  # one value for kl-ae and the peer
+    # the device kl-ae train will pick; one resolved value for kl-ae and the peer
+    a.precision, note, _ = resolve_mixed_precision(a.precision, process_state().device)
     print(note, flush=True)
     work = Path(tempfile.mkdtemp(prefix="kl-ae-throughput-"))
     data = Path(a.data) if a.data else _materialise_data(work / "data")

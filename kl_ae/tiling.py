@@ -18,10 +18,10 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from kl_ae.sources import iter_images
 from kl_ae.evaluate import downsampling_factor
 from kl_ae.images import to_tensor
 from kl_ae.metrics import psnr_8bit, ssim_8bit
+from kl_ae.sources import iter_images
 
 
 @contextmanager
