@@ -1,16 +1,25 @@
 """The loop a user writes by hand: diffusers AutoencoderKL + lpips + PatchGAN, fp32, eager.
 
-A throughput baseline for bench/throughput.py, not a trainer: no checkpoints, no EMA, no
-logging. It is correct where the diffusers example is not (LPIPS sends gradients, the
-discriminator sees detached reconstructions, both models are updated every step), so the ratio
-against it measures what kl-ae's engineering buys, not what the peer's bugs cost.
+A baseline for bench/throughput.py and bench/quality.py, not a trainer: no checkpoints, no EMA,
+no logging; LDM's optimizer settings (Adam, betas (0.5, 0.9), constant LR). It is correct where
+the diffusers example is not (LPIPS sends gradients, the discriminator sees detached
+reconstructions, both models are updated every step), so a ratio against it measures what
+kl-ae's engineering and recipe buy, not what the peer's bugs cost.
 
     python bench/plain_loop.py --vae-config DIR --data DIR --resolution 128 --batch 4 --steps 8
+    python bench/plain_loop.py ... --minutes 10 --every 2 --save DIR --lpips-weight 0 --disc-start 1000000
+
+With --save, the weights are written in the diffusers layout to DIR/step-NNNNNNNN/ each time
+--every training minutes have passed and at the end (DIR/final/), each with a meta.json
+(step, images_seen, train_seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +57,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--disc-start", type=int, default=0)
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="0: L1 only (no LPIPS forward)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget of the loop (0: --steps only)")
+    p.add_argument("--every", type=float, default=0.0, help="minutes between saved models (needs --save)")
+    p.add_argument("--save", help="directory for the saved models (diffusers layout)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -55,17 +69,34 @@ def main() -> None:
     disc = PatchDiscriminator().to(device).train()
     # pnet_rand: random VGG trunk, same cost as the real one (timing only)
     perceptual = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
-    opt_ae = torch.optim.Adam(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_ae = torch.optim.Adam(vae.parameters(), lr=a.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=a.lr, betas=(0.5, 0.9))
     loader = torch.utils.data.DataLoader(Folder(a.data, a.resolution), batch_size=a.batch, shuffle=True,
                                          drop_last=True, num_workers=a.workers, persistent_workers=a.workers > 0)
-    step = 0
-    while step < a.steps:
+    step, paused, start = 0, 0.0, time.perf_counter()
+    budget = a.minutes * 60 or math.inf
+    next_mark = a.every * 60 or math.inf
+
+    def save(name: str, seconds: float) -> float:
+        """Save the model; returns the seconds it took (left out of the training time)."""
+        t0 = time.perf_counter()
+        if a.save:
+            out = Path(a.save) / name
+            vae.save_pretrained(out)
+            (out / "meta.json").write_text(json.dumps({"step": step, "images_seen": step * a.batch,
+                                                       "train_seconds": round(seconds, 3)}))
+        return time.perf_counter() - t0
+
+    seconds = 0.0
+    while step < a.steps and seconds < budget:
         for x in loader:
             x = x.to(device)
             posterior = vae.encode(x).latent_dist
             rec = vae.decode(posterior.sample()).sample
-            nll = (torch.abs(x - rec) + perceptual(x, rec)).sum() / x.shape[0]
+            rec_loss = torch.abs(x - rec)
+            if a.lpips_weight:
+                rec_loss = rec_loss + a.lpips_weight * perceptual(x, rec)
+            nll = rec_loss.sum() / x.shape[0]
             kl = posterior.kl().sum() / x.shape[0]
             loss = nll + 1e-6 * kl
             gan_on = step >= a.disc_start
@@ -87,8 +118,14 @@ def main() -> None:
                 d_loss.backward()
                 opt_d.step()
             step += 1
-            if step >= a.steps:
+            seconds = time.perf_counter() - start - paused
+            if seconds >= next_mark:
+                paused += save(f"step-{step:08d}", seconds)
+                while next_mark <= seconds:
+                    next_mark += a.every * 60
+            if step >= a.steps or seconds >= budget:
                 break
+    save("final", seconds)
 
 
 if __name__ == "__main__":

@@ -152,17 +152,25 @@ def _images_per_s(record: dict, batch: int, warmup: int) -> tuple[float, int]:
 
 
 def _run(name: str, cmd: list[str], work: Path, env: dict, index: int) -> dict:
+    """Run one trainer under steptimer. A trainer that exits with an error after its timed steps
+    (the peer in bf16 crashes in its final validation: wandb.Image on a bf16 tensor) is kept:
+    its step times stand, and the record's "failed_after_training" says what failed."""
     out = work / f"{name}-{index}.json"
     log = work / f"{name}-{index}.log"
     full = [cmd[0], str(HERE / "steptimer.py"), str(out), *cmd[1:]]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(full, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not out.is_file():
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    tail = log.read_text(errors="replace")[-3000:]
+    if not out.is_file():
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}) before recording any step; log {log}:\n{tail}")
     rec = json.loads(out.read_text())
     rec["wall_s"] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        last = [ln for ln in tail.splitlines() if ln.strip()]
+        rec["failed_after_training"] = f"exit {proc.returncode}: {last[-1][:300] if last else '?'}"
+        print(f"{name}: exit {proc.returncode} after {len(rec['times_s'])} optimizer steps; steps kept "
+              f"({rec['failed_after_training']})", flush=True)
     return rec
 
 
@@ -205,7 +213,10 @@ def main() -> None:
                    "runs": [round(x["images_per_s"], 4) for x in v],
                    "peak_rss_mb": max(x["peak_rss_mb"] for x in v),
                    **({"peak_cuda_mb": max(x["peak_cuda_mb"] for x in v)} if "peak_cuda_mb" in v[0] else {}),
-                   "disc_updates_per_ae_update": v[0]["disc_updates"] / a.steps}
+                   "disc_updates_per_ae_update": v[0]["disc_updates"] / a.steps,
+                   **({"failed_after_training": sorted({x["failed_after_training"] for x in v
+                                                        if "failed_after_training" in x})}
+                      if any("failed_after_training" in x for x in v) else {})}
                for n, v in results.items()}
     base = summary["kl-ae"]["images_per_s"] if "kl-ae" in summary else float("nan")
     for n, s in summary.items():
@@ -233,7 +244,9 @@ def _table(a: argparse.Namespace, summary: dict) -> str:
     for n, s in summary.items():
         lines.append(f"| {n} | {s['images_per_s']:.3f} | {', '.join(f'{x:.3f}' for x in s['runs'])} | "
                      f"{s['disc_updates_per_ae_update']:.2f} | {s['peak_rss_mb']:.0f} | {s['kl-ae / this']:.2f}x |")
-    return "\n".join(lines)
+    failed = [f"- {n} failed after its timed steps (steps kept): {'; '.join(s['failed_after_training'])}"
+              for n, s in summary.items() if s.get("failed_after_training")]
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
 if __name__ == "__main__":

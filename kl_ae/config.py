@@ -61,6 +61,10 @@ class ModelConfig:
     """Self-attention in the encoder/decoder mid block (LDM: true)."""
     use_shift_factor: bool = False
     """Export a shift_factor (latent mean) next to scaling_factor (SD3/FLUX convention)."""
+    posterior_logvar_init: float | None = None
+    """Start every posterior log-variance at this value (e.g. -8.0: sigma 0.018) instead of
+    PyTorch's random init (sigma ~ 1), see kl_ae.model.init_posterior_logvar; None: PyTorch's
+    init (LDM). Random init only: an init_from VAE keeps its weights."""
     init_from: str = ""
     """VAE to fine-tune: a local diffusers AutoencoderKL directory (config.json + safetensors), or
     a single LDM/SGM-layout file (.safetensors, .ckpt, .pt, .pth; e.g. an SD checkpoint's
@@ -85,6 +89,11 @@ class LossConfig:
 
     kl_weight: float = 1e-6
     """Weight of the KL term; KL is summed over latent C*h*w and averaged over the batch (LDM)."""
+    l1_weight: float = 1.0
+    """Weight of the per-pixel absolute error |x - x_hat| (LDM: 1.0, its only pixel term)."""
+    l2_weight: float = 0.0
+    """Weight of the per-pixel squared error (x - x_hat)^2, the error PSNR measures (LDM: 0).
+    L1, L2 or a weighted sum: set l1_weight/l2_weight."""
     perceptual_weight: float = 1.0
     """Weight of LPIPS(VGG) added to every pixel's L1 term (LDM); 0 disables LPIPS."""
     lpips_trunk: str = "auto"
@@ -97,6 +106,9 @@ class LossConfig:
     """Initial value of the scalar log-variance."""
     disc_start: int = 50001
     """Optimizer step from which the adversarial terms are on (LDM kl-f8: 50001)."""
+    disc_ramp_steps: int = 0
+    """Steps over which both adversarial losses rise linearly from 0 to disc_factor after
+    disc_start (0: on at full strength at disc_start, as LDM)."""
     disc_weight: float = 0.5
     """Multiplier of the adaptive generator weight (LDM: 0.5)."""
     disc_factor: float = 1.0
@@ -120,6 +132,10 @@ class DataConfig:
     """Square crop size in pixels; must be divisible by the downsampling factor."""
     random_flip: bool = True
     """Random horizontal flip."""
+    channel_shuffle: bool = False
+    """Randomly permute the RGB channels of each training crop (one of the 6 orders, uniformly):
+    a colour augmentation for small data sets, where the autoencoder otherwise learns the
+    palette of its few training images and shifts other colours towards it."""
     short_side_range: list[int] = field(default_factory=list)
     """[lo, hi] px: before cropping, downscale each image so its short side is a random size in
     [lo, hi] (LDM's autoencoder data, ImageNetSR: a 0.5-1.0 x short-side crop resized to R,
@@ -143,7 +159,19 @@ class OptimConfig:
     scale_lr: bool = True
     """Apply LDM's linear LR scaling rule (main.py --scale_lr, on by default there)."""
     lr_warmup_steps: int = 0
-    """Linear warm-up steps of both optimizers (0: constant LR, as LDM)."""
+    """Linear warm-up steps of both optimizers (0: none, as LDM)."""
+    lr_schedule: str = "constant"
+    """Learning rate after the warm-up: 'constant' (LDM), 'cosine' or 'linear' decay to
+    lr_final_ratio x the peak at the end of the run: train.max_steps or, when it comes first,
+    train.max_minutes (see kl_ae/schedule.py). Both optimizers follow it."""
+    lr_final_ratio: float = 0.0
+    """Final LR as a fraction of the peak, for 'cosine' and 'linear'."""
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    """Adam(W) betas of the autoencoder (LDM/taming GAN setting: [0.5, 0.9])."""
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    """Adam betas of the discriminator (LDM/taming: [0.5, 0.9])."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay of the autoencoder (0: plain Adam, as LDM)."""
     max_grad_norm: float = 0.0
     """Clip each model's gradient norm to this value (0: no clipping, as LDM)."""
     implementation: str = "foreach"
@@ -160,6 +188,14 @@ class TrainConfig:
     """Run directory: config.yaml, train.log, TensorBoard logs, checkpoints/, samples/, export/."""
     max_steps: int = 100_000
     """Optimizer steps (each updates the autoencoder and, once active, the discriminator)."""
+    max_minutes: float = 0.0
+    """Wall-clock budget of the training loop in minutes, counted over resumes (like Lightning's
+    max_time): the run ends at max_steps or here, whichever comes first, with a checkpoint, the
+    export and the evaluation as usual. A decaying optim.lr_schedule decays over it. 0: no limit.
+    Start-up, checkpoints, periodic evaluation and the final export are not counted."""
+    checkpoint_every_minutes: float = 0.0
+    """Also write a checkpoint each time this many training minutes have passed (0: off); the
+    quality-per-minute benchmark (bench/quality.py) evaluates these."""
     batch_size: int = 12
     """Images per process per micro-batch (LDM kl-f8: 12)."""
     gradient_accumulation_steps: int = 2
@@ -243,6 +279,24 @@ class Config:
                     "image_every", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+        o = self.optim
+        if o.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"optim.lr_schedule must be one of {LR_SCHEDULES}, got {o.lr_schedule!r}")
+        if not 0.0 <= o.lr_final_ratio <= 1.0:
+            raise ConfigError(f"optim.lr_final_ratio must be in [0, 1], got {o.lr_final_ratio}")
+        for key in ("betas", "disc_betas"):
+            b = getattr(o, key)
+            if len(b) != 2 or not all(0.0 <= v < 1.0 for v in b):
+                raise ConfigError(f"optim.{key} must be two numbers in [0, 1), got {b}")
+        if o.weight_decay < 0 or o.lr_warmup_steps < 0:
+            raise ConfigError("optim.weight_decay and optim.lr_warmup_steps must be >= 0")
+        if loss.l1_weight < 0 or loss.l2_weight < 0 or loss.l1_weight + loss.l2_weight == 0:
+            raise ConfigError(f"loss.l1_weight={loss.l1_weight} and loss.l2_weight={loss.l2_weight} must be "
+                              ">= 0 and not both 0 (the autoencoder needs a pixel term)")
+        if loss.disc_ramp_steps < 0:
+            raise ConfigError(f"loss.disc_ramp_steps must be >= 0, got {loss.disc_ramp_steps}")
+        if t.max_minutes < 0 or t.checkpoint_every_minutes < 0:
+            raise ConfigError("train.max_minutes and train.checkpoint_every_minutes must be >= 0 (0: off)")
         if t.keep_last < 0 or t.eval_every < 0:
             raise ConfigError("train.keep_last and train.eval_every must be >= 0")
         if t.eval_every and not d.val:
@@ -256,6 +310,7 @@ class Config:
 
 
 ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def tracker_names(spec: str) -> list[str]:

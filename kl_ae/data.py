@@ -39,6 +39,16 @@ from kl_ae.sources import (  # noqa: F401 (re-exported)
 logger = logging.getLogger(__name__)
 
 
+def shuffle_channels(x: torch.Tensor) -> torch.Tensor:
+    """Permute the channels of each image by its own uniformly drawn order (``data.channel_shuffle``).
+
+    x: (B, C, H, W); returns a new tensor of the same shape. Draws from the global RNG of
+    ``x``'s device (restored by a checkpoint, so a resumed run draws the same orders).
+    """
+    order = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)
+    return x.gather(1, order[:, :, None, None].expand_as(x))
+
+
 def sample_generator(*parts: int) -> torch.Generator:
     """A generator seeded from integers (seed, epoch, index, ...): augmentation that depends on
     which sample it is, not on how many random numbers were drawn before, so a resumed run

@@ -30,8 +30,15 @@ def reconstruction_loss(
     x_hat: torch.Tensor,
     perceptual: nn.Module | None = None,
     perceptual_weight: float = 1.0,
+    l1_weight: float = 1.0,
+    l2_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Per-pixel reconstruction loss ``|x - x_hat| + perceptual_weight * LPIPS(x, x_hat)``.
+    """Per-pixel reconstruction loss
+    ``l1_weight * |x - x_hat| + l2_weight * (x - x_hat)^2 + perceptual_weight * LPIPS(x, x_hat)``.
+
+    The defaults (L1 only) are LDM's; a squared-error term (MSE) is what PSNR measures and what
+    several first stages train on alone or next to L1 (e.g. the SD sd-vae-ft-mse decoder:
+    "L1 + LPIPS" then "MSE + 0.1 LPIPS").
 
     Source: LDM contperceptual.py, ``rec_loss`` in ``LPIPSWithDiscriminator.forward``: the
     per-image LPIPS value of shape (B, 1, 1, 1) is broadcast onto every pixel and channel of the
@@ -43,6 +50,8 @@ def reconstruction_loss(
         perceptual: module ``(x, y) -> (B, 1, 1, 1)`` taking [-1, 1] images (see
             :func:`kl_ae.perceptual.build_lpips`), or None for L1 only.
         perceptual_weight: multiplier of the perceptual term; 0 skips the perceptual forward.
+        l1_weight: multiplier of the absolute error (LDM: 1).
+        l2_weight: multiplier of the squared error (LDM: 0); its term is skipped when 0.
 
     Returns:
         (B, 3, H, W) float32, no reduction.
@@ -53,7 +62,10 @@ def reconstruction_loss(
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         x32, x_hat32 = x.float(), x_hat.float()
-        rec = (x32 - x_hat32).abs()
+        diff = x32 - x_hat32
+        rec = l1_weight * diff.abs()  # x * 1.0 is exact: the LDM default is unchanged bit for bit
+        if l2_weight != 0:
+            rec = rec + l2_weight * diff.square()
         if perceptual is not None and perceptual_weight != 0:
             p = perceptual(x32, x_hat32).float()
             if p.dim() != 4 or p.shape[1:] != (1, 1, 1) or p.shape[0] != x.shape[0]:
@@ -191,10 +203,17 @@ def adaptive_weight_from_grads(nll_grad: torch.Tensor, g_grad: torch.Tensor, dis
     return (torch.clamp(ratio, 0.0, _ADAPTIVE_MAX) * disc_weight).detach()
 
 
-def disc_factor_at(step: int, disc_start: int, factor: float = 1.0) -> float:
-    """``factor`` from optimizer step ``disc_start`` on, 0.0 before it.
+def disc_factor_at(step: int, disc_start: int, factor: float = 1.0, ramp_steps: int = 0) -> float:
+    """``factor`` from optimizer step ``disc_start`` on, 0.0 before it; with ``ramp_steps`` > 0
+    it rises linearly instead: ``factor * min(1, (step - disc_start + 1) / ramp_steps)``.
 
     Source: taming vqperceptual.py ``adopt_weight`` (``weight = value`` while
-    ``global_step < threshold``, value 0). Multiplies both adversarial losses.
+    ``global_step < threshold``, value 0), which switches on at full strength. The linear ramp is
+    kl-ae's option: a GAN switched on at once into a short run pulls the young autoencoder away
+    from its reconstruction optimum in one step. Multiplies both adversarial losses.
     """
-    return float(factor) if step >= disc_start else 0.0
+    if step < disc_start:
+        return 0.0
+    if ramp_steps > 0:
+        return float(factor) * min(1.0, (step - disc_start + 1) / ramp_steps)
+    return float(factor)

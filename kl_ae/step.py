@@ -91,8 +91,11 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     with accelerator.autocast():
         reconstruction, posterior = m.autoencoder(x)
     reconstruction = reconstruction.float()
-    rec = losses.reconstruction_loss(x, reconstruction, None, 0.0)  # L1 part, (B, C, H, W)
-    l1 = rec.mean()
+    # pixel part l1_weight * |x - x_hat| + l2_weight * (x - x_hat)^2, (B, C, H, W)
+    rec = losses.reconstruction_loss(x, reconstruction, None, 0.0, cfg.l1_weight, cfg.l2_weight)
+    with torch.no_grad():
+        error = x.float() - reconstruction
+        l1, mse = error.abs().mean(), error.square().mean()
     perceptual = None
     if m.perceptual is not None and cfg.perceptual_weight > 0:
         # fp32, outside autocast: bf16 quantises LPIPS's feature differences (see losses.py)
@@ -103,8 +106,8 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     kl = losses.kl_loss(posterior)
     loss = nll + cfg.kl_weight * kl
 
-    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor)
-    out = {"loss/l1": l1.detach(), "loss/nll": nll.detach(), "loss/kl": kl.detach(),
+    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor, cfg.disc_ramp_steps)
+    out = {"loss/l1": l1, "loss/mse": mse, "loss/nll": nll.detach(), "loss/kl": kl.detach(),
            "loss/logvar": ae.logvar.detach()}
     if perceptual is not None:
         out[f"loss/{m.perceptual_name}"] = perceptual.detach().mean()
@@ -123,7 +126,7 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
             _chain_to(last_layer, reconstruction, grads["nll"]),
             _chain_to(last_layer, reconstruction, grads["g"]), cfg.disc_weight)
         loss = loss + d_weight * disc_factor * g_loss
-        out.update({"loss/g": g_loss.detach(), "disc/adaptive_weight": d_weight})
+        out.update({"loss/g": g_loss.detach(), "disc/adaptive_weight": d_weight, "disc/factor": torch.tensor(disc_factor, device=x.device)})
         # Same gradients as backward(loss), with LPIPS and D backpropagated once instead of twice
         backward_target = ((reconstruction * (grads["nll"] + d_weight * disc_factor * grads["g"])).sum()
                            + cfg.kl_weight * kl + grads["logvar"])
@@ -147,7 +150,7 @@ def discriminator_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor,
 
     Skipped (empty dict) before disc_start, as LDM's disc_factor = 0 makes that update a no-op.
     """
-    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor)
+    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor, cfg.disc_ramp_steps)
     if disc_factor <= 0:
         return {}
     with accelerator.autocast():

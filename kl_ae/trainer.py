@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config, save_config, tracker_names
-from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader
+from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader, shuffle_channels
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
@@ -35,12 +34,12 @@ from kl_ae.images import DataError, SkipCounter
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
+from kl_ae.schedule import TrainingClock, build_scheduler, set_time_fraction
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 from kl_ae.tracking import flat_config, init_kwargs, log_images
 
 logger = logging.getLogger("kl_ae")
 
-ADAM_BETAS = (0.5, 0.9)  # LDM/taming GAN setting, for both optimizers
 # optim.implementation -> torch.optim.Adam keyword arguments (same update, different kernels)
 _ADAM_KERNEL = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True},
                 "for-loop": {"foreach": False, "fused": False}}
@@ -152,16 +151,19 @@ def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: s
         disc.to(memory_format=torch.channels_last)
         if perceptual is not None:  # its convolutions follow their weights' memory format
             perceptual.to(memory_format=torch.channels_last)
-    kernel = _ADAM_KERNEL[cfg.optim.implementation]
-    opt_ae = torch.optim.Adam([p for p in ae.parameters() if p.requires_grad], lr=lr, betas=ADAM_BETAS, **kernel)
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=ADAM_BETAS, **kernel)
-    warmup = cfg.optim.lr_warmup_steps
-    sched_ae = get_scheduler("constant_with_warmup", opt_ae, num_warmup_steps=warmup)
-    sched_disc = get_scheduler("constant_with_warmup", opt_disc, num_warmup_steps=warmup)
+    o = cfg.optim
+    kernel = _ADAM_KERNEL[o.implementation]
+    # AdamW with weight_decay 0 is Adam (LDM): decoupled decay multiplies by 1 - lr * 0
+    opt_ae = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=lr, betas=tuple(o.betas),
+                               weight_decay=o.weight_decay, **kernel)
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=tuple(o.disc_betas), **kernel)
+    sched_ae, sched_disc = (build_scheduler(opt, o.lr_schedule, o.lr_warmup_steps, cfg.train.max_steps,
+                                            o.lr_final_ratio) for opt in (opt_ae, opt_disc))
     logger.info(
-        "world size %d, autoencoder %.2f M parameters, discriminator %.2f M, lr %.3g (scale_lr=%s), "
-        "perceptual: %s", accelerator.num_processes,
-        count_parameters(vae) / 1e6, count_parameters(disc) / 1e6, lr, cfg.optim.scale_lr,
+        "world size %d, autoencoder %.2f M parameters, discriminator %.2f M, lr %.3g (scale_lr=%s, schedule %s, "
+        "warm-up %d steps), perceptual: %s", accelerator.num_processes,
+        count_parameters(vae) / 1e6, count_parameters(disc) / 1e6, lr, o.scale_lr, o.lr_schedule,
+        o.lr_warmup_steps,
         perceptual_name if perceptual is not None else "off",
     )
     return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
@@ -239,7 +241,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
             ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
         state = ckpt_io.read_loop_state(ckpt)
         step = state["step"]
-        position = {"epoch": state["epoch"], "batches_in_epoch": state.get("batches_in_epoch", 0)}
+        position = {"epoch": state["epoch"], "batches_in_epoch": state.get("batches_in_epoch", 0),
+                    "train_seconds": state.get("train_seconds", 0.0)}
         resume_dataloader(raw_loader, position["epoch"], position["batches_in_epoch"], accelerator.num_processes)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, position["epoch"],
                     position["batches_in_epoch"])
@@ -254,14 +257,25 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
     t = cfg.train
     counters = {"upscaled": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0,
                 "nonfinite_disc": 0, "consecutive": 0, **position}
+    clock = TrainingClock(position.get("train_seconds", 0.0))
+    budget_s, every_s = t.max_minutes * 60.0, t.checkpoint_every_minutes * 60.0
+    next_mark = (math.floor(clock.seconds() / every_s) + 1) * every_s if every_s else math.inf
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     last_saved = step
+
+    def checkpoint(seconds: float) -> None:
+        with clock.pause():
+            save_checkpoint(accelerator, run_dir, step, _position(counters, seconds, step, cfg, accelerator),
+                            ema, vae, t.keep_last)
+
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    for x in _batches(loader, counters) if step < t.max_steps else ():
+    for x in _batches(loader, counters) if step < t.max_steps and clock.seconds() < (budget_s or math.inf) else ():
         x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
+        if cfg.data.channel_shuffle:
+            x = shuffle_channels(x).contiguous(memory_format=memory_format)
         with accelerator.accumulate(models.autoencoder, models.discriminator):
             rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
             scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
@@ -272,32 +286,57 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
         ae_ok = _check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
         if ema is not None and ae_ok:
             ema.step(vae.parameters())
+        seconds = _synced_seconds(accelerator, clock) if budget_s or every_s else clock.seconds()
+        if budget_s:  # the LR of the next step decays over the time budget too
+            for sched in (models.sched_ae, models.sched_disc):
+                set_time_fraction(sched, seconds / budget_s)
         scalars = {**scalars_ae, **scalars_d}
         bar.update(1)
-        if step % t.log_every == 0 or step == t.max_steps:
+        out_of_time = bool(budget_s) and seconds >= budget_s
+        if step % t.log_every == 0 or step == t.max_steps or out_of_time:
             elapsed = time.perf_counter() - t_log
-            metrics = _log_metrics(accelerator, scalars, step, counters, images_since_log / elapsed, models)
-            bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", img_s=f"{metrics['perf/images_per_s']:.2f}")
+            metrics = _log_metrics(accelerator, scalars, step, counters, images_since_log / elapsed, models,
+                                   seconds)
+            bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", img_s=f"{metrics['perf/images_per_s']:.2f}",
+                            min=f"{seconds / 60:.1f}")
             images_since_log, t_log = 0, time.perf_counter()
-        if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
-            _save_grid(accelerator, run_dir, x, rec, step)
-        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-            _periodic_eval(cfg, accelerator, vae, ema, step)
-        if step % t.checkpoint_every == 0:
-            save_checkpoint(accelerator, run_dir, step, _position(counters), ema, vae, t.keep_last)
+        with clock.pause():
+            if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
+                _save_grid(accelerator, run_dir, x, rec, step)
+            if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                _periodic_eval(cfg, accelerator, vae, ema, step)
+        if step % t.checkpoint_every == 0 or seconds >= next_mark:
+            checkpoint(seconds)
             last_saved = step
-        if step >= t.max_steps:
+            while next_mark <= seconds:
+                next_mark += every_s
+        if step >= t.max_steps or out_of_time:
+            if out_of_time:
+                logger.info("train.max_minutes=%g reached at step %d (%.2f training minutes)",
+                            t.max_minutes, step, seconds / 60)
             break
     bar.close()
+    seconds = _synced_seconds(accelerator, clock)
     _log_data_summary(accelerator, counters)
     _check_replicas(accelerator, models)
     if last_saved != step:
-        save_checkpoint(accelerator, run_dir, step, _position(counters), ema, vae, t.keep_last)
+        checkpoint(seconds)
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process exports a plain copy
         vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
         _finish(cfg, run_dir, vae, ema, step)
     accelerator.wait_for_everyone()
+
+
+def _synced_seconds(accelerator: Accelerator, clock: TrainingClock) -> float:
+    """Rank 0's training seconds on every rank: the budget, the time marks and the time-decayed LR
+    must agree across ranks (a per-rank clock would give DDP replicas different learning rates)."""
+    seconds = torch.tensor([clock.seconds()], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        seconds = broadcast(seconds, from_process=0)
+    return float(seconds.item())
 
 
 @contextmanager
@@ -406,18 +445,23 @@ def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, 
     return ae_ok
 
 
-def _position(counters: dict) -> dict:
-    return {"epoch": counters["epoch"], "batches_in_epoch": counters["batches_in_epoch"]}
+def _position(counters: dict, seconds: float, step: int, cfg: Config, accelerator: Accelerator) -> dict:
+    """Loop state of a checkpoint: the data position (exact resume), the training seconds so far
+    (train.max_minutes counts over resumes) and the images seen (bench/quality.py's x axis)."""
+    images = step * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
+    return {"epoch": counters["epoch"], "batches_in_epoch": counters["batches_in_epoch"],
+            "train_seconds": round(seconds, 3), "images_seen": images}
 
 
 def _log_metrics(accelerator, scalars: dict, step: int, counters: dict, images_per_s: float,
-                 models: StepModels) -> dict:
+                 models: StepModels, seconds: float) -> dict:
     """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
     keys = sorted(scalars)
     values = accelerator.reduce(torch.stack([scalars[k].float() for k in keys]), reduction="mean")
     metrics = {k: v for k, v in zip(keys, values.tolist())}
     metrics.update({
         "perf/images_per_s": images_per_s,
+        "perf/train_minutes": seconds / 60.0,
         "optim/lr": models.opt_ae.param_groups[0]["lr"],
         "data/epoch": counters["epoch"],
         "data/upscaled": counters["upscaled"],

@@ -50,3 +50,24 @@ def test_images_per_s_counts_autoencoder_updates_after_warmup():
     assert disc_updates == 3
     with pytest.raises(RuntimeError, match="autoencoder updates"):
         throughput._images_per_s({"kinds": ["ae", "ae"], "times_s": [0, 1]}, batch=4, warmup=1)
+
+
+def test_a_trainer_that_fails_after_its_steps_keeps_its_timings(tmp_path):
+    """The peer in bf16 crashes in its final validation after its last step; the run stands."""
+    throughput = _load("throughput")
+    script = tmp_path / "crashes_late.py"
+    script.write_text(
+        "import torch\n"
+        "decoder_out = torch.nn.Conv2d(8, 3, 3)\n"
+        "opt = torch.optim.SGD(decoder_out.parameters(), lr=0.1)\n"
+        "for _ in range(4):\n"
+        "    opt.step()\n"
+        "raise TypeError('Got unsupported ScalarType BFloat16')\n"
+    )
+    rec = throughput._run("peer", [sys.executable, str(script)], tmp_path, None, 0)
+    assert rec["kinds"] == ["ae"] * 4
+    assert "BFloat16" in rec["failed_after_training"] and rec["failed_after_training"].startswith("exit 1")
+    never = tmp_path / "crashes_early.py"
+    never.write_text("raise SystemExit('no step at all')\n")
+    with pytest.raises(RuntimeError, match="before recording any step"):
+        throughput._run("peer", [sys.executable, str(never)], tmp_path, None, 1)

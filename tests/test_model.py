@@ -93,8 +93,11 @@ class _Perceptual(torch.nn.Module):
         return ((self.conv(x) - self.conv(y)) ** 2).mean(dim=(1, 2, 3), keepdim=True)
 
 
-@pytest.mark.parametrize("learn_logvar", [False, True])
-def test_step_gradients_equal_backward_of_the_full_loss(learn_logvar):
+@pytest.mark.parametrize("learn_logvar,l1_weight,l2_weight,ramp", [
+    (False, 1.0, 0.0, 0), (True, 1.0, 0.0, 0),
+    (False, 0.5, 2.0, 4),  # L1 + L2 pixel loss; GAN ramp: factor (1 - 0 + 1) / 4 = 0.5 at step 1
+])
+def test_step_gradients_equal_backward_of_the_full_loss(learn_logvar, l1_weight, l2_weight, ramp):
     """The step backpropagates LPIPS and D once (gradients w.r.t. the reconstruction, chained to
     the last layer for the adaptive weight); the result must be backward() of the LDM loss."""
     import copy
@@ -103,6 +106,9 @@ def test_step_gradients_equal_backward_of_the_full_loss(learn_logvar):
 
     m, cfg = tiny_models(disc_start=0, learn_logvar=learn_logvar)
     cfg.kl_weight, cfg.perceptual_weight = 0.5, 1.0  # large enough that every term shows
+    cfg.l1_weight, cfg.l2_weight, cfg.disc_ramp_steps = l1_weight, l2_weight, ramp
+    step = 1 if ramp else 0
+    factor = 0.5 if ramp else 1.0
     m.perceptual = _Perceptual()
     with torch.no_grad():
         m.autoencoder.logvar.fill_(0.3)
@@ -112,12 +118,13 @@ def test_step_gradients_equal_backward_of_the_full_loss(learn_logvar):
     torch.manual_seed(1)
     rec, posterior = ref(x)
     rec = rec.float()
-    nll = losses.nll_loss(losses.reconstruction_loss(x, rec, None, 0.0) + m.perceptual(x, rec), ref.logvar)
+    pixel = l1_weight * (x - rec).abs() + l2_weight * (x - rec) ** 2  # written out, not the library's
+    nll = losses.nll_loss(pixel + m.perceptual(x, rec), ref.logvar)
     disc = m.discriminator.discriminator.requires_grad_(False)
     g_loss = losses.generator_loss(disc(rec))
     disc.requires_grad_(True)
     d_weight = losses.adaptive_generator_weight(nll, g_loss, ref.last_layer, cfg.disc_weight)
-    (nll + cfg.kl_weight * losses.kl_loss(posterior) + d_weight * g_loss).backward()
+    (nll + cfg.kl_weight * losses.kl_loss(posterior) + factor * d_weight * g_loss).backward()
     expected = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
 
     params = dict((n, p) for n, p in m.autoencoder.named_parameters() if p.requires_grad)
@@ -125,8 +132,9 @@ def test_step_gradients_equal_backward_of_the_full_loss(learn_logvar):
     m.opt_ae = torch.optim.SGD(params.values(), lr=1.0)  # update = -gradient
     m.sched_ae = torch.optim.lr_scheduler.LambdaLR(m.opt_ae, lambda s: 1.0)
     torch.manual_seed(1)
-    _, out = autoencoder_step(Accelerator(cpu=True), m, x, step=0, cfg=cfg)
+    _, out = autoencoder_step(Accelerator(cpu=True), m, x, step=step, cfg=cfg)
     assert out["disc/adaptive_weight"].item() == pytest.approx(d_weight.item(), rel=1e-4)
+    assert out["disc/factor"].item() == factor
     assert ("logvar" in expected) == learn_logvar
     # float32 summation orders differ: tolerance relative to the largest gradient (some biases
     # before a GroupNorm have a true gradient of 0 and carry only rounding noise)

@@ -1,0 +1,96 @@
+"""Learning-rate schedules over optimizer steps or a wall-clock budget.
+
+A schedule is a factor of the peak learning rate, applied through ``torch.optim.lr_scheduler.
+LambdaLR`` (so Accelerate checkpoints it with the optimizer). The decay follows the run's
+*progress*: the larger of the step fraction and the time fraction, so a run limited by
+``train.max_minutes`` decays to its final LR at its time budget, and one limited by
+``train.max_steps`` at its last step (the time fraction is set by the training loop each step).
+
+diffusers' ``get_scheduler`` offers cosine and linear decay over steps only; a run that ends
+on a wall-clock budget does not know its step count in advance, hence this small class.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class LRFactor:
+    """Callable ``step -> factor`` of the peak LR, for ``LambdaLR``.
+
+    Warm-up: ``step / warmup_steps`` for ``step < warmup_steps`` (diffusers' linear warm-up).
+    After it, with progress ``p = clamp(max((step - warmup) / (max_steps - warmup), time_fraction), 0, 1)``:
+
+    - 'constant': 1
+    - 'cosine': ``final + (1 - final) * 0.5 * (1 + cos(pi * p))`` (SGDR, Loshchilov & Hutter 2017, without restarts)
+    - 'linear': ``final + (1 - final) * (1 - p)``
+
+    ``time_fraction`` (elapsed training minutes / train.max_minutes, 0 without a budget) is an
+    attribute the loop updates; LambdaLR's state_dict stores it, so a resume continues the decay.
+    """
+
+    def __init__(self, schedule: str, warmup_steps: int, max_steps: int, final_ratio: float = 0.0):
+        if schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"unknown LR schedule {schedule!r}; use 'constant', 'cosine' or 'linear'")
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.final_ratio = final_ratio
+        self.time_fraction = 0.0
+
+    def progress(self, step: int) -> float:
+        """Fraction of the decay phase done at ``step``, in [0, 1]."""
+        decay_steps = max(1, self.max_steps - self.warmup_steps)
+        by_steps = (step - self.warmup_steps) / decay_steps
+        return min(1.0, max(0.0, by_steps, self.time_fraction))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        p = self.progress(step)
+        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if self.schedule == "cosine" else 1.0 - p
+        return self.final_ratio + (1.0 - self.final_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, max_steps: int,
+                    final_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over :class:`LRFactor`; ``scheduler.lr_lambdas[0]`` is the factor object."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(schedule, warmup_steps, max_steps, final_ratio))
+
+
+def set_time_fraction(scheduler, fraction: float) -> None:
+    """Set the time progress of a (possibly Accelerate-wrapped) scheduler built by :func:`build_scheduler`."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    for factor in inner.lr_lambdas:
+        factor.time_fraction = fraction
+
+
+class TrainingClock:
+    """Seconds of training, counted over resumes; time inside :meth:`pause` is left out.
+
+    ``seconds_before``: what earlier runs of this training counted (the checkpoint's loop state).
+    Checkpoint writes, periodic evaluations and sample grids run paused, so ``train.max_minutes``
+    and the benchmark's time marks measure training, not bookkeeping.
+    """
+
+    def __init__(self, seconds_before: float = 0.0):
+        self.before = float(seconds_before)
+        self.start = time.perf_counter()
+        self.paused_s = 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start - self.paused_s
+
+    @contextmanager
+    def pause(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
