@@ -9,7 +9,7 @@ update; kl_ae.step, the trainer's own code) at batch 1, 2, 4, ... until it runs 
 or reaches --max-batch, then bisects between the last batch that fitted and the first that did
 not. Reports the largest batch and its peak allocated memory (CUDA only). LPIPS uses an
 untrained VGG16 trunk (same size and cost as the real one). Each step runs in this process;
-after an out-of-memory error the caches are emptied before the next try.
+after each try its objects are freed and the CUDA cache emptied before the next.
 """
 
 from __future__ import annotations
@@ -24,8 +24,33 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(s in str(err) for s in ("out of memory", "ALLOC_FAILED")))
+
+
 def _try_step(config: str, resolution: int, batch: int, checkpointing: bool) -> dict | None:
-    """One training step at ``batch``; None when it runs out of memory."""
+    """One training step at ``batch``; None when it runs out of memory. Frees everything it built
+    before returning (the caller empties the CUDA cache once this frame is gone)."""
+    try:
+        return _step_once(config, resolution, batch, checkpointing)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_oom(err):
+            raise
+        return None
+
+
+def _release() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _step_once(config: str, resolution: int, batch: int, checkpointing: bool) -> dict:
     import torch
     from accelerate import Accelerator
 
@@ -41,12 +66,10 @@ def _try_step(config: str, resolution: int, batch: int, checkpointing: bool) -> 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, _, _ = resolve_mixed_precision(cfg.train.mixed_precision, device)
     accelerator = Accelerator(mixed_precision=precision)
-    objects = []
     try:
         perceptual, name = build_lpips("random") if cfg.loss.perceptual_weight > 0 else (None, "lpips")
         ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, accelerator, perceptual, name)
         ae, disc, opt_ae, opt_disc = accelerator.prepare(ae, disc, opt_ae, opt_disc)
-        objects = [ae, disc, opt_ae, opt_disc, perceptual]
         m = StepModels(ae, disc, opt_ae, opt_disc, s_ae, s_disc, perceptual, name)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -61,14 +84,8 @@ def _try_step(config: str, resolution: int, batch: int, checkpointing: bool) -> 
         if device.type == "cuda":
             out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         return out
-    except torch.OutOfMemoryError:
-        return None
     finally:
-        del objects
         accelerator.free_memory()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def largest_batch(config: str, resolution: int, checkpointing: bool, max_batch: int) -> dict:
@@ -77,6 +94,7 @@ def largest_batch(config: str, resolution: int, checkpointing: bool, max_batch: 
     lo, hi, batch = 0, None, 1
     while batch <= max_batch:
         r = _try_step(config, resolution, batch, checkpointing)
+        _release()
         tries.append({"batch": batch, "fits": r is not None, **(r or {})})
         print(f"  {resolution} px, checkpointing {checkpointing}: batch {batch} {'fits' if r else 'OOM'}", flush=True)
         if r is None:
@@ -87,6 +105,7 @@ def largest_batch(config: str, resolution: int, checkpointing: bool, max_batch: 
     while hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
         r = _try_step(config, resolution, mid, checkpointing)
+        _release()
         tries.append({"batch": mid, "fits": r is not None, **(r or {})})
         if r is None:
             hi = mid

@@ -42,6 +42,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from throughput import _random_vgg_cache, split_overrides  # noqa: E402  (bench/ is not a package)
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,6 +149,25 @@ def _image_files(folder: Path):
     return (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
 
 
+def _training_times(times: list[float], pauses_after: list[int]) -> list[float]:
+    """Step end times with the interval after each step in ``pauses_after`` (1-based: the peer
+    validates after step 1 and saves a checkpoint after step N) replaced by the median interval,
+    so the peer's clock leaves out validation and checkpoint writes as kl-ae's does."""
+    import statistics
+
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if not gaps:
+        return list(times)
+    typical = statistics.median(gaps)
+    for n in pauses_after:
+        if 1 <= n <= len(gaps):  # gaps[n - 1] is the interval from step n to step n + 1
+            gaps[n - 1] = typical
+    out = [times[0]]
+    for g in gaps:
+        out.append(out[-1] + g)
+    return out
+
+
 def _step_times(steps_json: Path) -> list[float]:
     """Seconds at which each optimizer step ended, recorded by bench/steptimer.py."""
     return json.loads(steps_json.read_text())["times_s"]
@@ -173,9 +194,14 @@ def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolut
 
     baselines = None
     for point in points:
-        vae = load_autoencoder(point["path"])
-        report = evaluate(vae, val, resolution=val_resolution, lpips_trunk=lpips_trunk, baselines=baselines is None,
-                          progress=False, latent=False)
+        try:
+            vae = load_autoencoder(point["path"])
+            report = evaluate(vae, val, resolution=val_resolution, lpips_trunk=lpips_trunk,
+                              baselines=baselines is None, progress=False, latent=False)
+        except Exception as err:  # one bad checkpoint must not lose the others' figures
+            point["eval_error"] = f"{type(err).__name__}: {err}"[:300]
+            print(f"  {Path(point['path']).name}: evaluation failed: {point['eval_error']}", flush=True)
+            continue
         m = report["metrics"]
         point.update({"psnr": m["psnr"], "ssim": m["ssim"], "lpips": m.get("lpips")})
         if baselines is None:
@@ -192,6 +218,10 @@ def _table(a: argparse.Namespace, results: dict, baselines: dict | None, meta: d
              "| trainer | minutes | images seen | step | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for p in r["points"]:
+            if p.get("psnr") is None:
+                lines.append(f"| {name} | {p['minutes']:.2f} | {p['images_seen']} | {p['step']} | "
+                             f"evaluation failed: {p.get('eval_error', '?')} | | |")
+                continue
             lpips = f"{p['lpips']:.4f}" if p.get("lpips") is not None else "-"
             lines.append(f"| {name} | {p['minutes']:.2f} | {p['images_seen']} | {p['step']} | {p['psnr']:.2f} | "
                          f"{p['ssim']:.4f} | {lpips} |")
@@ -232,12 +262,10 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
     """Calibrate the peer's step rate, then run it for the steps that fill the budget, saving a
     checkpoint (its ``checkpoint-N/autoencoderkl[_ema]/`` is a loadable AutoencoderKL) about every
     ``--every`` minutes. Times come from bench/steptimer.py (first optimizer step = 0)."""
-    from throughput import _random_vgg_cache  # bench/throughput.py: a VGG16 file so lpips.LPIPS() runs offline
-
     from kl_ae.model import build_autoencoder
 
     env = {**env, "TORCH_HOME": str(work / "peer-torch")}
-    _random_vgg_cache(work / "peer-torch")  # the peer builds LPIPS even at --perceptual_scale 0
+    _random_vgg_cache(work / "peer-torch")  # the peer builds LPIPS even at --perceptual_scale 0 (timing-only weights)
     vae_dir = work / "peer-vae-config"
     build_autoencoder(cfg.model).save_config(vae_dir)
     data = _materialise(a.data, work / "peer-data")
@@ -245,9 +273,9 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
     calib.mkdir()
     n_calib = 12
     res = _run(_peer_command(a, cfg, vae_dir, data, calib, n_calib, n_calib, precision), calib / "log.txt", env)
-    if not (calib / "steps.json").is_file():
-        return {"points": [], "error": f"calibration run failed: {res.get('error')}"}
-    times = _step_times(calib / "steps.json")
+    times = _step_times(calib / "steps.json") if (calib / "steps.json").is_file() else []
+    if len(times) < 3:
+        return {"points": [], "error": f"calibration run failed after {len(times)} steps: {res.get('error')}"}
     rate = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 and times[-1] > times[1] else 1.0
     steps = max(2, int(rate * a.minutes * 60))
     every = max(1, round(rate * a.every * 60))
@@ -261,8 +289,9 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
                             "its first optimizer step (bench/steptimer.py), its start-up left out"}
     if (out / "steps.json").is_file():
         rec = json.loads((out / "steps.json").read_text())
-        times, kinds = rec["times_s"], rec["kinds"]
+        kinds = rec["kinds"]
         dirs = sorted(out.glob("model/checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+        times = _training_times(rec["times_s"], [1, *(int(d.name.split("-")[1]) for d in dirs)])
         final = out / "model" if (out / "model" / "config.json").is_file() else None
         for d, n in [(d, int(d.name.split("-")[1])) for d in dirs] + ([(final, len(times))] if final else []):
             sub = d / ("autoencoderkl_ema" if (d / "autoencoderkl_ema").is_dir() else "autoencoderkl")
@@ -302,13 +331,30 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO)}
     lpips_trunk = None if a.lpips_trunk == "none" else a.lpips_trunk
+    from kl_ae.sources import iter_images
+
+    try:  # a bad --val would otherwise surface only after the whole training budget
+        next(iter_images(a.val))
+    except Exception as err:
+        raise SystemExit(f"--val {a.val}: no readable image ({type(err).__name__}: {err})") from None
+    results: dict[str, dict] = {}
+    baselines = None
+
+    def write() -> str:
+        """result.json, table.md and quality.png as they stand (after every trainer, so a run cut
+        short by a time limit keeps what it measured)."""
+        table = _table(a, results, baselines, meta)
+        _plot(results, baselines, out / "quality.png",
+              f"{Path(a.config).name}: {a.data} -> {a.val}, {a.minutes:g} min, {precision}")
+        (out / "result.json").write_text(json.dumps({"meta": meta, "baselines": baselines, "results": results},
+                                                    indent=2) + "\n")
+        (out / "table.md").write_text(table + "\n")
+        return table
 
     trainers: list[tuple[str, list[str]]] = [] if a.no_base else [("kl-ae", [])]
     for spec in a.variant:
         name, _, sets = spec.partition("=")
-        trainers.append((f"kl-ae[{name}]", [s for s in sets.split(",") if s]))
-    results: dict[str, dict] = {}
-    baselines = None
+        trainers.append((f"kl-ae[{name}]", split_overrides(sets)))
     for name, extra in trainers:
         run_dir = runs_dir / name
         cmd = [sys.executable, "-m", "kl_ae.cli", "train", a.config,
@@ -319,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = {"points": _kl_ae_points(run_dir), "run": res, "overrides": extra,
                          **({"error": res["error"]} if res.get("error") else {})}
         baselines = _evaluate(results[name]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
+        write()
     if a.plain:
         from kl_ae.model import build_autoencoder
 
@@ -337,21 +384,17 @@ def main(argv: list[str] | None = None) -> dict:
         results["plain"] = {"points": _saved_points(saved), "run": res,
                             **({"error": res["error"]} if res.get("error") else {})}
         baselines = _evaluate(results["plain"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
+        write()
     if a.peer:
         print(f"peer: training {a.minutes:g} min ...", flush=True)
         results["peer"] = _run_peer(a, cfg, work, env, precision)
         baselines = _evaluate(results["peer"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
 
-    table = _table(a, results, baselines, meta)
-    plot = out / "quality.png"
-    _plot(results, baselines, plot, f"{Path(a.config).name}: {a.data} -> {a.val}, {a.minutes:g} min, {precision}")
-    summary = {"meta": meta, "baselines": baselines, "results": results}
-    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "table.md").write_text(table + "\n")
+    table = write()
     print(table)
-    print(f"plot: {plot}")
+    print(f"plot: {out / 'quality.png'}")
     shutil.rmtree(work, ignore_errors=True)
-    return summary
+    return {"meta": meta, "baselines": baselines, "results": results}
 
 
 if __name__ == "__main__":

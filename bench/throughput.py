@@ -120,7 +120,7 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
     kl_ae("kl-ae", [])
     for spec in a.variant:
         name, _, sets = spec.partition("=")
-        kl_ae(f"kl-ae[{name}]", sets.split(","))
+        kl_ae(f"kl-ae[{name}]", split_overrides(sets))
     if a.peer:
         # The peer alternates AE and D steps once the GAN is on: twice the steps for as many AE updates.
         peer_steps = total * (2 if a.gan == "on" else 1)
@@ -138,7 +138,7 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
         runs["plain"] = [sys.executable, str(HERE / "plain_loop.py"), "--vae-config", str(vae_dir),
                          "--data", str(data), "--resolution", str(a.resolution), "--batch", str(a.batch),
                          "--steps", str(total), "--workers", str(a.workers),
-                         "--disc-start", "0" if a.gan == "on" else str(10**9)]
+                         "--disc-start", "0" if a.gan == "on" else str(10**9), "--lpips-weight", str(lpips_w)]
     return runs
 
 
@@ -151,7 +151,20 @@ def _images_per_s(record: dict, batch: int, warmup: int) -> tuple[float, int]:
     return batch * (len(ae) - 1 - warmup) / (ae[-1] - ae[warmup]), n_disc
 
 
-def _run(name: str, cmd: list[str], work: Path, env: dict, index: int) -> dict:
+def split_overrides(sets: str) -> list[str]:
+    """'a=1,b=[2,3]' -> ['a=1', 'b=[2,3]']: commas inside brackets belong to the value."""
+    out, depth, cur = [], 0, ""
+    for ch in sets:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [s for s in out + [cur] if s]
+
+
+def _run(name: str, cmd: list[str], work: Path, env: dict, index: int, expected_ae: int | None = None) -> dict:
     """Run one trainer under steptimer. A trainer that exits with an error after its timed steps
     (the peer in bf16 crashes in its final validation: wandb.Image on a bf16 tensor) is kept:
     its step times stand, and the record's "failed_after_training" says what failed."""
@@ -162,10 +175,13 @@ def _run(name: str, cmd: list[str], work: Path, env: dict, index: int) -> dict:
     with open(log, "w") as f:
         proc = subprocess.run(full, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     tail = log.read_text(errors="replace")[-3000:]
-    if not out.is_file():
+    rec = json.loads(out.read_text()) if out.is_file() else {}
+    if not rec.get("times_s"):  # steptimer writes its file at exit even when no step ran
         raise RuntimeError(f"{name} failed (exit {proc.returncode}) before recording any step; log {log}:\n{tail}")
-    rec = json.loads(out.read_text())
     rec["wall_s"] = time.perf_counter() - t0
+    if proc.returncode != 0 and expected_ae is not None and rec["kinds"].count("ae") < expected_ae:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}) after {rec['kinds'].count('ae')} of "
+                           f"{expected_ae} autoencoder updates; log {log}:\n{tail}")
     if proc.returncode != 0:
         last = [ln for ln in tail.splitlines() if ln.strip()]
         rec["failed_after_training"] = f"exit {proc.returncode}: {last[-1][:300] if last else '?'}"
@@ -203,7 +219,7 @@ def main() -> None:
     for r in range(a.repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
         for name in order:
-            rec = _run(name, runs[name], work, env, r)
+            rec = _run(name, runs[name], work, env, r, expected_ae=a.warmup + a.steps + 1)
             rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
             results[name].append(rec)
             print(f"repeat {r + 1}/{a.repeats} {name:>18}: {rec['images_per_s']:.3f} img/s "

@@ -107,8 +107,8 @@ class LossConfig:
     disc_start: int = 50001
     """Optimizer step from which the adversarial terms are on (LDM kl-f8: 50001)."""
     disc_ramp_steps: int = 0
-    """Steps over which both adversarial losses rise linearly from 0 to disc_factor after
-    disc_start (0: on at full strength at disc_start, as LDM)."""
+    """Steps over which the adversarial losses' factor rises linearly from 0 to disc_factor after
+    disc_start, easing the generator term in (0: on at full strength at disc_start, as LDM)."""
     disc_weight: float = 0.5
     """Multiplier of the adaptive generator weight (LDM: 0.5)."""
     disc_factor: float = 1.0
@@ -142,6 +142,10 @@ class DataConfig:
     about [R, 2R]). Empty: crop at native size."""
     num_workers: int = 2
     """DataLoader worker processes per training process (0: decode in the main process)."""
+    decode_cache_mb: int = 0
+    """Image folders: keep up to this many MiB of decoded images in each data worker, so a small
+    training set is decoded once instead of once per crop (0: no cache; shards are streamed and
+    never cached). Costs up to this much memory per worker and process; same pixels either way."""
     shuffle_buffer: int = 1000
     """Sample shuffle buffer for webdataset shards (shard order is shuffled too)."""
     val: str = ""
@@ -293,6 +297,8 @@ class Config:
         if loss.l1_weight < 0 or loss.l2_weight < 0 or loss.l1_weight + loss.l2_weight == 0:
             raise ConfigError(f"loss.l1_weight={loss.l1_weight} and loss.l2_weight={loss.l2_weight} must be "
                               ">= 0 and not both 0 (the autoencoder needs a pixel term)")
+        if d.decode_cache_mb < 0:
+            raise ConfigError(f"data.decode_cache_mb must be >= 0 (0: no cache), got {d.decode_cache_mb}")
         if loss.disc_ramp_steps < 0:
             raise ConfigError(f"loss.disc_ramp_steps must be >= 0, got {loss.disc_ramp_steps}")
         if t.max_minutes < 0 or t.checkpoint_every_minutes < 0:

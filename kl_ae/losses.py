@@ -210,7 +210,9 @@ def disc_factor_at(step: int, disc_start: int, factor: float = 1.0, ramp_steps: 
     Source: taming vqperceptual.py ``adopt_weight`` (``weight = value`` while
     ``global_step < threshold``, value 0), which switches on at full strength. The linear ramp is
     kl-ae's option: a GAN switched on at once into a short run pulls the young autoencoder away
-    from its reconstruction optimum in one step. Multiplies both adversarial losses.
+    from its reconstruction optimum in one step. Multiplies both adversarial losses; what it
+    ramps in effect is the generator term (Adam is nearly invariant to the scale of the
+    discriminator's own loss, whose updates start at disc_start either way).
     """
     if step < disc_start:
         return 0.0

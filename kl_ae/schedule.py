@@ -29,8 +29,12 @@ class LRFactor:
     - 'cosine': ``final + (1 - final) * 0.5 * (1 + cos(pi * p))`` (SGDR, Loshchilov & Hutter 2017, without restarts)
     - 'linear': ``final + (1 - final) * (1 - p)``
 
-    ``time_fraction`` (elapsed training minutes / train.max_minutes, 0 without a budget) is an
-    attribute the loop updates; LambdaLR's state_dict stores it, so a resume continues the decay.
+    ``time_fraction`` (elapsed training minutes / train.max_minutes, 0 without a budget) and
+    ``global_step`` (the run's optimizer step, used instead of LambdaLR's own count when set) are
+    attributes the loop updates: the discriminator's scheduler steps only once the GAN is on, and
+    a skipped non-finite update does not step either, so their own counts lag the run's.
+    LambdaLR's state_dict stores the attributes; :func:`configure` re-applies the config after a
+    resume, so a changed schedule or max_steps takes effect and only the progress carries over.
     """
 
     def __init__(self, schedule: str, warmup_steps: int, max_steps: int, final_ratio: float = 0.0):
@@ -41,6 +45,7 @@ class LRFactor:
         self.max_steps = max_steps
         self.final_ratio = final_ratio
         self.time_fraction = 0.0
+        self.global_step: int | None = None
 
     def progress(self, step: int) -> float:
         """Fraction of the decay phase done at ``step``, in [0, 1]."""
@@ -49,6 +54,8 @@ class LRFactor:
         return min(1.0, max(0.0, by_steps, self.time_fraction))
 
     def __call__(self, step: int) -> float:
+        if self.global_step is not None:
+            step = self.global_step
         if step < self.warmup_steps:
             return step / self.warmup_steps
         if self.schedule == "constant":
@@ -64,11 +71,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(schedule, warmup_steps, max_steps, final_ratio))
 
 
-def set_time_fraction(scheduler, fraction: float) -> None:
-    """Set the time progress of a (possibly Accelerate-wrapped) scheduler built by :func:`build_scheduler`."""
+def _factors(scheduler) -> list[LRFactor]:
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
-    for factor in inner.lr_lambdas:
-        factor.time_fraction = fraction
+    return list(inner.lr_lambdas)
+
+
+def set_progress(scheduler, *, time_fraction: float | None = None, global_step: int | None = None) -> None:
+    """Set the time progress and/or the run's step of a (possibly Accelerate-wrapped) scheduler
+    built by :func:`build_scheduler`."""
+    for factor in _factors(scheduler):
+        if time_fraction is not None:
+            factor.time_fraction = time_fraction
+        if global_step is not None:
+            factor.global_step = global_step
+
+
+def configure(scheduler, schedule: str, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> None:
+    """Re-apply the config's schedule after ``load_state`` restored a checkpoint's (LambdaLR's
+    state_dict carries the factor's settings as well as its progress)."""
+    fresh = LRFactor(schedule, warmup_steps, max_steps, final_ratio)
+    for factor in _factors(scheduler):
+        factor.schedule, factor.warmup_steps = fresh.schedule, fresh.warmup_steps
+        factor.max_steps, factor.final_ratio = fresh.max_steps, fresh.final_ratio
 
 
 class TrainingClock:

@@ -34,7 +34,7 @@ from kl_ae.images import DataError, SkipCounter
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
-from kl_ae.schedule import TrainingClock, build_scheduler, set_time_fraction
+from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 from kl_ae.tracking import flat_config, init_kwargs, log_images
 
@@ -237,6 +237,9 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
         set_seed(t.seed, device_specific=True)  # different noise and crops on every rank
     else:
         accelerator.load_state(str(ckpt))  # also restores every rank's RNG states
+        o = cfg.optim
+        for sched in (sched_ae, sched_disc):  # this run's schedule settings, the checkpoint's progress
+            configure(sched, o.lr_schedule, o.lr_warmup_steps, t.max_steps, o.lr_final_ratio)
         if ema is not None and (ckpt / ckpt_io.EMA_WEIGHTS).is_file():
             ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
         state = ckpt_io.read_loop_state(ckpt)
@@ -259,7 +262,8 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
                 "nonfinite_disc": 0, "consecutive": 0, **position}
     clock = TrainingClock(position.get("train_seconds", 0.0))
     budget_s, every_s = t.max_minutes * 60.0, t.checkpoint_every_minutes * 60.0
-    next_mark = (math.floor(clock.seconds() / every_s) + 1) * every_s if every_s else math.inf
+    seconds = _synced_seconds(accelerator, clock)  # rank 0's: every rank must take the same decisions
+    next_mark = (math.floor(seconds / every_s) + 1) * every_s if every_s else math.inf
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
@@ -272,7 +276,9 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
                             ema, vae, t.keep_last)
 
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    for x in _batches(loader, counters) if step < t.max_steps and clock.seconds() < (budget_s or math.inf) else ():
+    for x in _batches(loader, counters) if step < t.max_steps and seconds < (budget_s or math.inf) else ():
+        for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
+            set_progress(sched, global_step=step + 1)
         x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
         if cfg.data.channel_shuffle:
             x = shuffle_channels(x).contiguous(memory_format=memory_format)
@@ -289,7 +295,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
         seconds = _synced_seconds(accelerator, clock) if budget_s or every_s else clock.seconds()
         if budget_s:  # the LR of the next step decays over the time budget too
             for sched in (models.sched_ae, models.sched_disc):
-                set_time_fraction(sched, seconds / budget_s)
+                set_progress(sched, time_fraction=seconds / budget_s)
         scalars = {**scalars_ae, **scalars_d}
         bar.update(1)
         out_of_time = bool(budget_s) and seconds >= budget_s

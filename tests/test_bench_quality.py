@@ -2,6 +2,7 @@
 largest batch) at toy size on the CPU. Checks that each runs and writes its raw output; no
 figure is asserted (timing and quality are the benchmarks' job)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,35 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_overrides_keep_commas_inside_brackets():
+    quality = _load("quality")
+    assert quality.split_overrides("model.block_out_channels=[48,96,192,192],loss.l2_weight=0") == [
+        "model.block_out_channels=[48,96,192,192]", "loss.l2_weight=0"]
+    assert quality.split_overrides("") == []
+
+
+def test_quality_table_lists_every_point_and_both_baselines():
+    quality = _load("quality")
+    a = quality._parse(["--minutes", "4", "--every", "2"])
+    results = {"kl-ae": {"points": [{"minutes": 2.0, "images_seen": 100, "step": 10, "psnr": 20.0, "ssim": 0.5},
+                                    {"minutes": 4.0, "images_seen": 200, "step": 20, "psnr": 21.0, "ssim": 0.6,
+                                     "lpips": 0.25}]},
+               "peer": {"points": [], "error": "exit 1 after saving its final model: TypeError"}}
+    meta = {"precision": "bf16", "cpu_capability": "AVX512", "device": "cpu"}
+    table = quality._table(a, results, {"mean_colour": {"psnr": 18.0, "ssim": 0.4}}, meta)
+    assert "| kl-ae | 2.00 | 100 | 10 | 20.00 | 0.5000 | - |" in table
+    assert "| kl-ae | 4.00 | 200 | 20 | 21.00 | 0.6000 | 0.2500 |" in table
+    assert "| baseline: mean_colour | - | - | - | 18.00 | 0.4000 | - |" in table
+    assert "- peer: exit 1 after saving its final model: TypeError" in table
 
 
 @pytest.mark.slow

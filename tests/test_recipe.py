@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from kl_ae.config import ConfigError, load_config
 from kl_ae.losses import disc_factor_at, reconstruction_loss
-from kl_ae.schedule import LRFactor, build_scheduler, set_time_fraction
+from kl_ae.schedule import LRFactor, build_scheduler, configure, set_progress
 
 
 def test_pixel_loss_weighted_sum_of_l1_and_l2():
@@ -56,7 +56,7 @@ def test_scheduler_drives_the_optimizer_and_resumes_its_time_fraction():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2.0)
     sched = build_scheduler(opt, "linear", warmup_steps=0, max_steps=10**6)
-    set_time_fraction(sched, 0.25)
+    set_progress(sched, time_fraction=0.25)
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * 0.75, rel=1e-5)
@@ -65,6 +65,20 @@ def test_scheduler_drives_the_optimizer_and_resumes_its_time_fraction():
     sched2 = build_scheduler(opt2, "linear", warmup_steps=0, max_steps=10**6)
     sched2.load_state_dict(state)
     assert sched2.lr_lambdas[0].time_fraction == 0.25
+    configure(sched2, "cosine", 0, 500)  # a resume under another schedule keeps only the progress
+    f = sched2.lr_lambdas[0]
+    assert (f.schedule, f.max_steps, f.time_fraction) == ("cosine", 500, 0.25)
+
+
+def test_global_step_drives_a_scheduler_that_stepped_less_often():
+    """The discriminator's scheduler steps only after disc_start; its decay follows the run's step."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, "linear", warmup_steps=0, max_steps=100)
+    set_progress(sched, global_step=75)
+    opt.step()
+    sched.step()  # its own count says 1, the run is at step 75
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
 
 
 def test_optimizer_settings_reach_the_optimizers(tmp_path):
@@ -151,3 +165,33 @@ def test_posterior_logvar_init_sets_every_posterior_log_variance(quant_conv):
     default = load_or_build_autoencoder(load_config(None, ["model.block_out_channels=[8,16]",
                                                            "model.norm_num_groups=8"]).model)
     assert default.encode(torch.rand(2, 3, 16, 16)).latent_dist.logvar.std() > 0  # PyTorch's init (LDM)
+
+
+def test_channel_shuffle_permutes_each_image_by_its_own_order():
+    from kl_ae.data import shuffle_channels
+
+    torch.manual_seed(0)
+    x = torch.arange(3, dtype=torch.float32).view(1, 3, 1, 1).expand(600, 3, 4, 4).contiguous()
+    y = shuffle_channels(x)
+    orders = {tuple(int(v) for v in img[:, 0, 0]) for img in y}
+    assert orders == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)}
+    assert torch.equal(y.sort(dim=1).values, x)  # a permutation: no value lost or repeated
+
+
+def test_decode_cache_gives_the_same_crops_and_decodes_each_file_once(tmp_path, monkeypatch):
+    from helpers import write_noise_photos
+
+    from kl_ae import data
+
+    photos = sorted(write_noise_photos(tmp_path / "p", 3, size=(48, 64)).glob("*.png"))
+    calls = []
+    real_decode = data.decode
+    monkeypatch.setattr(data, "decode", lambda *a, **k: calls.append(a[0]) or real_decode(*a, **k))
+    plain = data.ImageFolderDataset(photos, 32, short_side_range=[32, 48])
+    cached = data.ImageFolderDataset(photos, 32, short_side_range=[32, 48], decode_cache_mb=1)
+    for k in range(9):  # three epochs of three files
+        assert torch.equal(plain[k]["pixel_values"], cached[k]["pixel_values"])
+    assert len(calls) == 9 + 3  # uncached: every item; cached: each file once
+    tiny = data.ImageFolderDataset(photos, 32, decode_cache_mb=0)
+    tiny[0]
+    assert tiny.cache_budget == 0 and not tiny._cache
