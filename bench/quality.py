@@ -63,6 +63,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plain-lr", type=float, default=2e-4, help="the plain loop's Adam LR (kl-ae's LDM-style quickstart LR until 2026-12)")
     p.add_argument("--peer", help="path to train_autoencoderkl.py (left out: no peer)")
     p.add_argument("--peer-python", default=sys.executable, help="python with the peer's packages")
+    p.add_argument("--peer-precision", choices=["same", "no", "bf16", "fp16"], default="same",
+                   help="the peer's --mixed_precision (same: kl-ae's resolved precision). Its bf16 casts the "
+                        "weights themselves to bf16, unlike kl-ae's autocast over fp32 weights")
     p.add_argument("--peer-lr", type=float, default=2e-4, help="the peer's --learning_rate (its default 4.5e-6 is for 50k+ steps)")
     p.add_argument("--lpips-trunk", default="auto",
                    help="VGG16 weights for the LPIPS column (auto: torchvision's cache; none: no LPIPS)")
@@ -84,6 +87,11 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     if a.every <= 0 or a.minutes <= 0:
         p.error("--minutes and --every must be positive")
     return a
+
+
+def _short(spec: str) -> str:
+    """The last two parts of a path (``photos/val``), for titles that should not carry a home folder."""
+    return "/".join(Path(spec).parts[-2:]) if "/" in spec else spec
 
 
 def _run(cmd: list[str], log: Path, env: dict) -> dict:
@@ -156,12 +164,13 @@ def _training_times(times: list[float], pauses_after: list[int]) -> list[float]:
     import statistics
 
     gaps = [b - a for a, b in zip(times, times[1:])]
-    if not gaps:
+    paused = {n - 1 for n in pauses_after if 1 <= n <= len(gaps)}  # gaps[n - 1]: from step n to step n + 1
+    plain = [g for i, g in enumerate(gaps) if i not in paused]
+    if not plain:
         return list(times)
-    typical = statistics.median(gaps)
-    for n in pauses_after:
-        if 1 <= n <= len(gaps):  # gaps[n - 1] is the interval from step n to step n + 1
-            gaps[n - 1] = typical
+    typical = statistics.median(plain)
+    for i in paused:
+        gaps[i] = typical
     out = [times[0]]
     for g in gaps:
         out.append(out[-1] + g)
@@ -213,7 +222,7 @@ def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolut
 
 
 def _table(a: argparse.Namespace, results: dict, baselines: dict | None, meta: dict) -> str:
-    lines = [f"config {Path(a.config).name}, train {a.data}, val {a.val}, budget {a.minutes:g} min, "
+    lines = [f"config {Path(a.config).name}, train {_short(a.data)}, val {_short(a.val)}, budget {a.minutes:g} min, "
              f"precision {meta['precision']} ({meta['cpu_capability']}), {meta['device']}", "",
              "| trainer | minutes | images seen | step | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -285,7 +294,7 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
           f"{steps} steps for {a.minutes:g} min, a checkpoint every {every}", flush=True)
     res = _run(_peer_command(a, cfg, vae_dir, data, out, steps, every, precision), out / "log.txt", env)
     result: dict = {"points": [], "run": res, "peer_lr": a.peer_lr, "peer_precision": precision,
-                    "note": "peer: optimizer steps (AE and D updates) sized by a calibration run; minutes from "
+                    "note": "optimizer steps (AE and D updates) sized by a calibration run; minutes from "
                             "its first optimizer step (bench/steptimer.py), its start-up left out"}
     if (out / "steps.json").is_file():
         rec = json.loads((out / "steps.json").read_text())
@@ -345,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         short by a time limit keeps what it measured)."""
         table = _table(a, results, baselines, meta)
         _plot(results, baselines, out / "quality.png",
-              f"{Path(a.config).name}: {a.data} -> {a.val}, {a.minutes:g} min, {precision}")
+              f"{Path(a.config).name}: {_short(a.data)} -> {_short(a.val)}, {a.minutes:g} min, {precision}")
         (out / "result.json").write_text(json.dumps({"meta": meta, "baselines": baselines, "results": results},
                                                     indent=2) + "\n")
         (out / "table.md").write_text(table + "\n")
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         write()
     if a.peer:
         print(f"peer: training {a.minutes:g} min ...", flush=True)
-        results["peer"] = _run_peer(a, cfg, work, env, precision)
+        results["peer"] = _run_peer(a, cfg, work, env, precision if a.peer_precision == "same" else a.peer_precision)
         baselines = _evaluate(results["peer"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
 
     table = write()

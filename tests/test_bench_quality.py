@@ -67,3 +67,11 @@ def test_gpu_script_dry_run_runs_every_step(tmp_path):
     assert [(r["resolution"], r["gradient_checkpointing"]) for r in runs] == [(32, False), (32, True)]
     assert all(r["largest_batch"] == 2 and r["capped_at_max_batch"] for r in runs)
     assert json.loads((out / "machine.json").read_text())["device"] == "cpu"
+
+
+def test_peer_minutes_leave_out_its_validation_and_checkpoint_writes():
+    quality = _load("quality")
+    # steps every 1 s; validation after step 1 took 10 s, a checkpoint after step 3 took 5 s
+    times = [0.0, 11.0, 12.0, 18.0, 19.0]
+    assert quality._training_times(times, [1, 3]) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert quality._training_times([0.0], [1]) == [0.0]
