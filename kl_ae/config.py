@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from kl_ae.precision import CHOICES as PRECISION_CHOICES
+from kl_ae.schedule import SCHEDULES as LR_SCHEDULES
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -316,7 +317,6 @@ class Config:
 
 
 ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
-LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def tracker_names(spec: str) -> list[str]:

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
+SCHEDULES = ("constant", "cosine", "linear")
+
 
 class LRFactor:
     """Callable ``step -> factor`` of the peak LR, for ``LambdaLR``.
@@ -38,8 +40,8 @@ class LRFactor:
     """
 
     def __init__(self, schedule: str, warmup_steps: int, max_steps: int, final_ratio: float = 0.0):
-        if schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"unknown LR schedule {schedule!r}; use 'constant', 'cosine' or 'linear'")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown LR schedule {schedule!r}; use one of {SCHEDULES}")
         self.schedule = schedule
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps

@@ -292,6 +292,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
         ae_ok = _check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
         if ema is not None and ae_ok:
             ema.step(vae.parameters())
+        # only a budget or time marks need every rank to agree (a broadcast per step under DDP)
         seconds = _synced_seconds(accelerator, clock) if budget_s or every_s else clock.seconds()
         if budget_s:  # the LR of the next step decays over the time budget too
             for sched in (models.sched_ae, models.sched_disc):
@@ -337,12 +338,12 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
 def _synced_seconds(accelerator: Accelerator, clock: TrainingClock) -> float:
     """Rank 0's training seconds on every rank: the budget, the time marks and the time-decayed LR
     must agree across ranks (a per-rank clock would give DDP replicas different learning rates)."""
-    seconds = torch.tensor([clock.seconds()], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
+    if accelerator.num_processes == 1:  # nothing to agree on: no tensor, no device synchronisation
+        return clock.seconds()
+    from accelerate.utils import broadcast
 
-        seconds = broadcast(seconds, from_process=0)
-    return float(seconds.item())
+    seconds = torch.tensor([clock.seconds()], dtype=torch.float64, device=accelerator.device)
+    return float(broadcast(seconds, from_process=0).item())
 
 
 @contextmanager
