@@ -149,6 +149,20 @@ class DataConfig:
     never cached). Costs up to this much memory per worker and process; same pixels either way."""
     shuffle_buffer: int = 1000
     """Sample shuffle buffer for webdataset shards (shard order is shuffled too)."""
+    final_resolution: int = 0
+    """Resolution schedule (LiteVAE's low-then-full-resolution training): the crop size of the
+    run's last ``final_fraction``; 0: data.resolution throughout. A model trained only on small
+    crops is evaluated on whole 256-px images, whose GroupNorm statistics and mid-block attention
+    span 16x the area it was trained on; a short final phase at the evaluation size adapts it."""
+    final_fraction: float = 0.0
+    """Fraction of the run trained at final_resolution, in [0, 1): its end, measured on the
+    train.max_minutes budget when set, else on train.max_steps (whichever is nearer its end)."""
+    final_batch_size: int = 0
+    """Batch size of the final phase; 0: the same pixels per batch,
+    max(1, round(train.batch_size * (resolution / final_resolution) ** 2))."""
+    final_short_side_range: list[int] = field(default_factory=list)
+    """short_side_range of the final phase ([lo, hi] with final_resolution <= lo); empty: the
+    same as data.short_side_range, which must then allow final_resolution."""
     val: str = ""
     """Images evaluated after the final export (same forms as data.train); empty: no evaluation."""
     val_resolution: int = 256
@@ -270,6 +284,7 @@ class Config:
             raise ConfigError(
                 f"data.short_side_range must be [lo, hi] with data.resolution <= lo <= hi, got {d.short_side_range}"
             )
+        _check_final_phase(d, f)
         if m.init_from:
             check_init_from(m)
         elif m.init_config:
@@ -317,6 +332,27 @@ class Config:
 
 
 ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+
+
+def _check_final_phase(d: DataConfig, factor: int) -> None:
+    """The resolution schedule's fields (data.final_*): both or neither of final_resolution and
+    final_fraction, a crop size the model can take, a short-side range that allows it."""
+    if not d.final_resolution and not d.final_fraction:
+        return
+    if not 0.0 < d.final_fraction < 1.0 or d.final_resolution <= 0:
+        raise ConfigError(
+            f"data.final_resolution={d.final_resolution} and data.final_fraction={d.final_fraction}: a "
+            "resolution schedule needs both, final_resolution > 0 and 0 < final_fraction < 1 (0 and 0: none)")
+    if d.final_resolution % factor:
+        raise ConfigError(f"data.final_resolution={d.final_resolution} is not divisible by the downsampling "
+                          f"factor {factor}; use a multiple of {factor}")
+    if d.final_batch_size < 0:
+        raise ConfigError(f"data.final_batch_size must be >= 0 (0: same pixels per batch), got {d.final_batch_size}")
+    lohi = d.final_short_side_range or d.short_side_range
+    if lohi and (len(lohi) != 2 or not d.final_resolution <= lohi[0] <= lohi[1]):
+        raise ConfigError(
+            f"data.final_short_side_range (or data.short_side_range when it is empty) must be [lo, hi] with "
+            f"data.final_resolution={d.final_resolution} <= lo <= hi, got {lohi}")
 
 
 def tracker_names(spec: str) -> list[str]:

@@ -16,6 +16,7 @@ samples without an image member are skipped with the reason no_image_member.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -309,6 +310,17 @@ def build_train_dataloader(cfg: DataConfig, batch_size: int, seed: int = 0) -> D
         return loader
     sampler = EpochSampler(len(dataset), max(len(dataset), batch_size), seed)
     return DataLoader(dataset, sampler=sampler, drop_last=True, generator=generator, **kwargs)
+
+
+def final_phase_data(cfg: DataConfig, batch_size: int) -> tuple[DataConfig, int]:
+    """The data settings and batch size of the resolution schedule's final phase
+    (``data.final_resolution``; see DataConfig): crops of final_resolution from images resized
+    into final_short_side_range (empty: short_side_range), final_batch_size images a batch (0:
+    as many pixels per batch as the first phase, at least one image)."""
+    r = cfg.final_resolution
+    batch = cfg.final_batch_size or max(1, round(batch_size * (cfg.resolution / r) ** 2))
+    short_side = list(cfg.final_short_side_range or cfg.short_side_range)
+    return dataclasses.replace(cfg, resolution=r, short_side_range=short_side), batch
 
 
 def resume_dataloader(loader: DataLoader, epoch: int, batches: int, num_processes: int = 1) -> None:

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config, save_config, tracker_names
-from kl_ae.data import build_train_dataloader, is_shard_source, resume_dataloader, shuffle_channels
+from kl_ae.data import (
+    build_train_dataloader, final_phase_data, is_shard_source, resume_dataloader, shuffle_channels,
+)
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
@@ -92,6 +94,37 @@ def _batches(loader, counters: dict):
             raise DataError(f"no usable training image in a whole epoch: {counters['skip_reasons'].summary()}")
         counters["epoch"] += 1
         counters["batches_in_epoch"] = 0
+
+
+def _prepare_loader(accelerator: Accelerator, cfg: Config, loader):
+    """Folder/builtin loaders go through Accelerate (it splits their batches across ranks);
+    shard loaders do not: webdataset splits the shards by rank itself."""
+    return loader if is_shard_source(cfg.data.train) else accelerator.prepare(loader)
+
+
+def _final_phase_loader(cfg: Config):
+    """The (unprepared) DataLoader of the resolution schedule's final phase; its own seed, so
+    its crops do not repeat the first phase's."""
+    data, batch_size = final_phase_data(cfg.data, cfg.train.batch_size)
+    logger.info("resolution schedule, final phase: %d-px crops, batch %d per process, short side %s",
+                data.resolution, batch_size, data.short_side_range or "native")
+    return build_train_dataloader(data, batch_size, seed=cfg.train.seed + 1)
+
+
+def _phases(cfg: Config, accelerator: Accelerator, loader, counters: dict, first_phase_over):
+    """Batches of the resolution schedule (data.final_resolution): from ``loader`` while
+    ``counters["phase"]`` is 0 and ``first_phase_over()`` is false, then from a new loader of
+    final-phase crops, forever. ``loader`` is already the final phase's when resuming in it."""
+    if counters["phase"] == 0:
+        for x in _batches(loader, counters):
+            if first_phase_over():  # this batch is dropped: the next step is a final-phase one
+                break
+            yield x
+        # The first phase's workers stay alive until the run ends (persistent workers, each with
+        # its decode cache): a DataLoader has no public way to stop them early.
+        loader = _prepare_loader(accelerator, cfg, _final_phase_loader(cfg))
+        counters.update(phase=1, epoch=0, batches_in_epoch=0)
+    yield from _batches(loader, counters)
 
 
 def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
@@ -218,9 +251,12 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
     vae = ae.vae
 
+    ckpt = _checkpoint_to_resume(resume, run_dir)
+    state = ckpt_io.read_loop_state(ckpt) if ckpt is not None else {}
+    if state.get("phase", 0):  # resuming in the resolution schedule's final phase
+        loader = _final_phase_loader(cfg)
     raw_loader = loader
-    if not is_shard_source(cfg.data.train):  # webdataset splits shards by node itself
-        loader = accelerator.prepare(loader)
+    loader = _prepare_loader(accelerator, cfg, loader)
     # One model (with its optimizer) per call: FSDP2 shards one model per prepare.
     ae, opt_ae, sched_ae = accelerator.prepare(ae, opt_ae, sched_ae)
     disc, opt_disc, sched_disc = accelerator.prepare(disc, opt_disc, sched_disc)
@@ -232,7 +268,6 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
 
     step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
-    ckpt = _checkpoint_to_resume(resume, run_dir)
     if ckpt is None:
         set_seed(t.seed, device_specific=True)  # different noise and crops on every rank
     else:
@@ -242,10 +277,11 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
             configure(sched, o.lr_schedule, o.lr_warmup_steps, t.max_steps, o.lr_final_ratio)
         if ema is not None and (ckpt / ckpt_io.EMA_WEIGHTS).is_file():
             ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
-        state = ckpt_io.read_loop_state(ckpt)
         step = state["step"]
         position = {"epoch": state["epoch"], "batches_in_epoch": state.get("batches_in_epoch", 0),
-                    "train_seconds": state.get("train_seconds", 0.0)}
+                    "train_seconds": state.get("train_seconds", 0.0), "phase": state.get("phase", 0)}
+        if "images_seen" in state:
+            position["images_seen"] = state["images_seen"]
         resume_dataloader(raw_loader, position["epoch"], position["batches_in_epoch"], accelerator.num_processes)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, position["epoch"],
                     position["batches_in_epoch"])
@@ -258,8 +294,10 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
 
 def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: dict) -> None:
     t = cfg.train
-    counters = {"upscaled": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0,
-                "nonfinite_disc": 0, "consecutive": 0, **position}
+    counters = {"upscaled": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0, "nonfinite_disc": 0,
+                "consecutive": 0, "phase": 0,
+                "images_seen": step * t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
+                **position}
     clock = TrainingClock(position.get("train_seconds", 0.0))
     budget_s, every_s = t.max_minutes * 60.0, t.checkpoint_every_minutes * 60.0
     seconds = _synced_seconds(accelerator, clock)  # rank 0's: every rank must take the same decisions
@@ -269,14 +307,19 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     last_saved = step
+    final_from = 1.0 - cfg.data.final_fraction if cfg.data.final_resolution else math.inf
+
+    def first_phase_over() -> bool:  # same answer on every rank: step and rank 0's clock
+        return max(step / t.max_steps, seconds / budget_s if budget_s else 0.0) >= final_from
 
     def checkpoint(seconds: float) -> None:
         with clock.pause():
-            save_checkpoint(accelerator, run_dir, step, _position(counters, seconds, step, cfg, accelerator),
+            save_checkpoint(accelerator, run_dir, step, _position(counters, seconds),
                             ema, vae, t.keep_last)
 
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    for x in _batches(loader, counters) if step < t.max_steps and seconds < (budget_s or math.inf) else ():
+    batches = _phases(cfg, accelerator, loader, counters, first_phase_over)
+    for x in batches if step < t.max_steps and seconds < (budget_s or math.inf) else ():
         for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
             set_progress(sched, global_step=step + 1)
         x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
@@ -286,6 +329,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
             rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
             scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
         images_since_log += x.shape[0] * accelerator.num_processes
+        counters["images_seen"] += x.shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -452,12 +496,13 @@ def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, 
     return ae_ok
 
 
-def _position(counters: dict, seconds: float, step: int, cfg: Config, accelerator: Accelerator) -> dict:
-    """Loop state of a checkpoint: the data position (exact resume), the training seconds so far
-    (train.max_minutes counts over resumes) and the images seen (bench/quality.py's x axis)."""
-    images = step * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
+def _position(counters: dict, seconds: float) -> dict:
+    """Loop state of a checkpoint: the data position (exact resume: resolution-schedule phase,
+    epoch and batch within it), the training seconds so far (train.max_minutes counts over
+    resumes) and the images seen over all processes (bench/quality.py's x axis)."""
     return {"epoch": counters["epoch"], "batches_in_epoch": counters["batches_in_epoch"],
-            "train_seconds": round(seconds, 3), "images_seen": images}
+            "train_seconds": round(seconds, 3), "images_seen": counters["images_seen"],
+            "phase": counters["phase"]}
 
 
 def _log_metrics(accelerator, scalars: dict, step: int, counters: dict, images_per_s: float,

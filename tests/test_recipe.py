@@ -101,10 +101,16 @@ def test_optimizer_settings_reach_the_optimizers(tmp_path):
     ("optim.lr_schedule=step", "optim.lr_schedule"), ("optim.betas=[0.9]", "optim.betas"),
     ("optim.lr_final_ratio=2", "optim.lr_final_ratio"), ("train.max_minutes=-1", "train.max_minutes"),
     ("loss.l1_weight=0", "loss.l1_weight"), ("loss.disc_ramp_steps=-3", "loss.disc_ramp_steps"),
+    ("data.final_fraction=0.2", "data.final_resolution"),  # a fraction without a resolution
+    ("data.final_resolution=512", "data.final_resolution"),  # ... and the other way round
+    ("data.final_resolution=260 data.final_fraction=0.2", "data.final_resolution"),  # not a multiple of 8
+    ("data.final_resolution=512 data.final_fraction=1.0", "data.final_fraction"),
+    ("data.final_resolution=512 data.final_fraction=0.2 data.short_side_range=[256,512]",
+     "data.final_short_side_range"),  # the first phase's range cannot give 512-px crops
 ])
 def test_bad_recipe_values_are_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_max_minutes_ends_the_run_with_checkpoints_at_time_marks(tmp_path, monkeypatch):
@@ -195,3 +201,49 @@ def test_decode_cache_gives_the_same_crops_and_decodes_each_file_once(tmp_path, 
     tiny = data.ImageFolderDataset(photos, 32, decode_cache_mb=0)
     tiny[0]
     assert tiny.cache_budget == 0 and not tiny._cache
+
+
+def test_final_phase_keeps_the_pixels_per_batch_unless_told():
+    from kl_ae.data import final_phase_data
+
+    cfg = load_config(None, ["data.resolution=64", "data.short_side_range=[128,256]", "data.final_resolution=256",
+                             "data.final_fraction=0.2", "data.final_short_side_range=[256,384]"]).data
+    data, batch = final_phase_data(cfg, batch_size=16)
+    assert (data.resolution, data.short_side_range, batch) == (256, [256, 384], 1)  # 16 x 64^2 = 1 x 256^2
+    assert final_phase_data(cfg, batch_size=48)[1] == 3
+    assert final_phase_data(cfg, batch_size=4)[1] == 1  # never below one image
+    cfg.final_batch_size, cfg.final_short_side_range = 2, []
+    data, batch = final_phase_data(cfg, batch_size=16)
+    assert (data.short_side_range, batch) == ([128, 256], 2)
+    assert cfg.resolution == 64  # the first phase's settings are untouched
+
+
+def test_resolution_schedule_trains_the_last_fraction_on_final_crops(tmp_path, monkeypatch):
+    """6 steps, the last half (by steps) on 32-px crops of batch 1 instead of 16-px crops of 2."""
+    from test_train import tiny_overrides
+    from helpers import write_noise_photos
+
+    from kl_ae import trainer
+
+    shapes = []  # the encoder's input at every training forward pass
+
+    def build_and_hook(*args, **kwargs):
+        vae = build(*args, **kwargs)
+        vae.encoder.conv_in.register_forward_pre_hook(
+            lambda module, inputs: shapes.append(tuple(inputs[0].shape)) if torch.is_grad_enabled() else None)
+        return vae
+
+    build = trainer.load_or_build_autoencoder
+    monkeypatch.setattr(trainer, "load_or_build_autoencoder", build_and_hook)
+    photos = write_noise_photos(tmp_path / "photos", 4, size=(40, 40))
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [*tiny_overrides(photos, run_dir, steps=6), "data.resolution=16",
+                             "data.final_resolution=32", "data.final_fraction=0.5", "loss.disc_start=100000",
+                             "loss.perceptual_weight=0", "train.eval_every=0", "train.checkpoint_every=3",
+                             "train.keep_last=0", "train.image_every=100"])
+    trainer.train(cfg)
+    assert shapes == [(2, 3, 16, 16)] * 3 + [(1, 3, 32, 32)] * 3  # step 3 of 6 ends the first half
+    states = [json.loads((run_dir / f"checkpoints/step-{n:07d}/loop_state.json").read_text()) for n in (3, 6)]
+    assert [s["phase"] for s in states] == [0, 1]
+    assert [s["images_seen"] for s in states] == [6, 9]
+    assert "final phase: 32-px crops, batch 1 per process" in (run_dir / "train.log").read_text()

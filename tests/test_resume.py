@@ -29,14 +29,26 @@ def overrides(data, workers, run_dir, steps):
     ]
 
 
+def phased(fraction):
+    """A resolution schedule: 16-px crops of 2, then 32-px crops of 1 for the run's last ``fraction``."""
+    return ["data.resolution=16", "data.final_resolution=32", f"data.final_fraction={fraction}"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["folder", "shards"])
-def test_split_run_is_bit_identical(sources, source, tmp_path):
+@pytest.mark.parametrize("source,schedule", [("folder", False), ("shards", False), ("folder", True),
+                                             ("shards", True)])
+def test_split_run_is_bit_identical(sources, source, schedule, tmp_path):
     data, workers = sources[source]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(load_config(None, overrides(data, workers, straight, 6)))
-    train(load_config(None, overrides(data, workers, split, 3)))  # stops mid-epoch, discriminator active
-    train(load_config(None, overrides(data, workers, split, 6)), resume="latest")
+    if schedule:  # both switch after step 3 (3/6 >= 0.5, 3/4 >= 0.75); the split one resumes in the final phase
+        train(load_config(None, overrides(data, workers, straight, 6) + phased(0.5)))
+        train(load_config(None, overrides(data, workers, split, 4) + phased(0.25)))
+        train(load_config(None, overrides(data, workers, split, 6) + phased(0.5)), resume="latest")
+        assert '"phase": 1' in (split / "checkpoints/step-0000004/loop_state.json").read_text()
+    else:
+        train(load_config(None, overrides(data, workers, straight, 6)))
+        train(load_config(None, overrides(data, workers, split, 3)))  # stops mid-epoch, discriminator active
+        train(load_config(None, overrides(data, workers, split, 6)), resume="latest")
     assert "resumed from" in (split / "train.log").read_text()
     for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):  # AE, D, EMA
         a = load_file(str(straight / "checkpoints/step-0000006" / name))
