@@ -8,14 +8,19 @@ to a temporary directory and renamed into place, and ``latest`` is replaced only
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 LOOP_STATE = "loop_state.json"
@@ -154,3 +159,69 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+# --- the training loop's state and the save / restore of a whole checkpoint -----------------
+
+
+@dataclass
+class LoopState:
+    """Where a run stands after a step, saved whole as a checkpoint's loop_state.json.
+
+    step: optimizer steps done. phase: 0, or 1 once the resolution schedule's final phase
+    (data.final_resolution) has begun. epoch, batches_in_epoch: the data position within that
+    phase's loader (batches drawn, empty ones included), for an exact resume. train_seconds: the
+    training loop's time so far (train.max_minutes counts it over resumes). images_seen: training
+    images over all processes (bench/quality.py's x axis).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    phase: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+    @classmethod
+    def read(cls, checkpoint: Path, images_per_step: int = 0) -> "LoopState":
+        """The state in ``checkpoint``; a checkpoint written before a field existed gets its
+        default (images_seen: step * images_per_step). Unknown keys are ignored."""
+        raw = read_loop_state(checkpoint)
+        state = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        if "images_seen" not in raw:
+            state.images_seen = state.step * images_per_step
+        return state
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "train_seconds": round(self.train_seconds, 3)}
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: LoopState, ema, vae, keep_last: int = 0) -> None:
+    """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``): the
+    Accelerate state (models, optimizers, schedulers, RNG), the EMA weights and ``state``.
+    A collective: every rank calls it (under FSDP2 each contributes its shards)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    name = checkpoint_name(state.step)
+    tmp = ckpts / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if ema is not None:
+        save_ema(ema, list(vae.named_parameters()), tmp / EMA_WEIGHTS, write=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        finalize_checkpoint(tmp, ckpts / name, state.to_json())
+        logger.info("saved checkpoint %s", ckpts / name)
+        for path in prune_checkpoints(ckpts, keep_last):
+            logger.info("deleted old checkpoint %s (train.keep_last=%d)", path.name, keep_last)
+    accelerator.wait_for_everyone()
+
+
+def restore_checkpoint(accelerator, checkpoint: Path, ema, vae, images_per_step: int) -> LoopState:
+    """Load what :func:`save_checkpoint` wrote into the prepared models, optimizers, schedulers
+    and every rank's RNG states (Accelerate), and into ``ema``. Returns the loop state."""
+    accelerator.load_state(str(checkpoint))
+    if ema is not None and (checkpoint / EMA_WEIGHTS).is_file():
+        load_ema_into(ema, list(vae.named_parameters()), checkpoint / EMA_WEIGHTS)
+    return LoopState.read(checkpoint, images_per_step)

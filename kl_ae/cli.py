@@ -69,6 +69,41 @@ def _shards(args: argparse.Namespace) -> None:
     print(f"train on them with: --set data.train='{result['pattern']}'")
 
 
+class _ConsoleHandler(logging.Handler):
+    """Log lines printed with ``tqdm.write``, above a running progress bar instead of through it
+    (tqdm's own logging bridge is private API and drops handler filters)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging's contract: report, never raise)
+            self.handleError(record)
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """The console of ``kl-ae train``: the progress bar and one line per checkpoint, evaluation
+    or warning. The per-step figures (logger ``kl_ae.steps``) and Accelerate's informational
+    lines (one per file a checkpoint writes) go to RUN/train.log only."""
+    if record.name.startswith("kl_ae.steps"):
+        return False
+    return record.levelno >= logging.WARNING or not record.name.startswith("accelerate")
+
+
+def _console_logging(quiet: bool) -> None:
+    """INFO and above to stderr through :class:`_ConsoleHandler`; ``quiet``: filtered by :func:`_quiet`."""
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if quiet:
+        handler.addFilter(_quiet)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:  # main() called again
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kl-ae", description="Train, export and evaluate KL autoencoders.")
     parser.add_argument("--version", action="version", version=f"kl-ae {__version__}")
@@ -80,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the run's latest checkpoint or from a checkpoint directory")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print every logged step's figures (always in RUN/train.log)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="write a run checkpoint in the diffusers AutoencoderKL layout")
@@ -146,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing we run needs the Hub; avoids retry stalls
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _console_logging(quiet=not getattr(args, "verbose", True))
     from kl_ae.config import ConfigError
 
     try:
@@ -156,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kl-ae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from kl_ae.trainer import TrainingDiverged
+        from kl_ae.monitor import TrainingDiverged
 
         if not isinstance(err, TrainingDiverged):
             raise

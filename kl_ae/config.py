@@ -46,6 +46,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The autoencoder: a diffusers ``AutoencoderKL`` (LDM/SD architecture). Defaults: SD 1.x VAE."""
 
+    preset: str = ""
+    """A published layout (kl_ae/presets.py): 'sd1', 'sdxl', 'sd3' or 'flux'. Its values replace
+    this section's defaults; the YAML file's and --set values apply on top. Empty: none."""
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
     """Channels of each encoder/decoder level; the downsampling factor is 2**(len - 1)."""
     layers_per_block: int = 2
@@ -285,11 +288,11 @@ class Config:
                 f"data.short_side_range must be [lo, hi] with data.resolution <= lo <= hi, got {d.short_side_range}"
             )
         _check_final_phase(d, f)
-        if m.init_from:
-            check_init_from(m)
-        elif m.init_config:
+        # model.init_from's files are checked by check_init_from when a run starts, not here:
+        # validating reads no disk, so a run's saved config.yaml reloads after its VAE has moved
+        if m.init_config and not m.init_from:
             raise ConfigError("model.init_config describes a single-file model.init_from; set model.init_from too")
-        elif not m.train_encoder:
+        if not m.train_encoder and not m.init_from:
             raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
         if loss.disc_loss not in ("hinge", "vanilla"):
             raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
@@ -512,20 +515,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Raises:
         ConfigError: missing/unreadable file, unknown key, wrong type or unusable value.
     """
-    cfg = Config()
+    layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = _load_yaml(path.read_text()) or {}
+            layers.append(_load_yaml(path.read_text()) or {})
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    layers += [_parse_override(item) for item in overrides]
+    cfg = Config()
+    for values in layers:  # first the preset the layers name (the last one wins): the defaults beneath them
         _apply(cfg, values)
-    for item in overrides:
-        _apply(cfg, _parse_override(item))
+    if cfg.model.preset:
+        preset, cfg = cfg.model.preset, Config()
+        _apply(cfg.model, preset_values(preset), "model.")
+        for values in layers:
+            _apply(cfg, values)
     cfg.validate()
     return cfg
+
+
+def preset_values(name: str) -> dict:
+    """The model section's values of preset ``name``. Raises ConfigError for an unknown name."""
+    from kl_ae.presets import PRESETS
+
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is not a preset; known: {sorted(PRESETS)} (empty: none)")
+    return {"preset": name, **PRESETS[name].model}
 
 
 def config_to_dict(cfg: Config) -> dict:

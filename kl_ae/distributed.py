@@ -71,6 +71,15 @@ def check_fsdp_units(model: nn.Module) -> None:
             "fsdp_auto_wrap_policy: NO_WRAP (configs/accelerate/fsdp.yaml)")
 
 
+def gathered(module: nn.Module) -> nn.Module:
+    """``module`` ready to have one of its submodules called directly (below the root that
+    Accelerate wrapped): under FSDP2 its parameter shards are gathered first (they are
+    resharded after its next backward); a no-op otherwise. Returns ``module``."""
+    if isinstance(module, FSDPModule):
+        module.unshard()
+    return module
+
+
 def unsharded_autoencoder(vae: AutoencoderKL, ema: EMAModel | None,
                           is_main: bool) -> tuple[AutoencoderKL | None, EMAModel | None]:
     """Plain (unsharded) copies of an FSDP2-sharded ``vae`` and of its EMA, for export and

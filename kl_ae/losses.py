@@ -11,10 +11,18 @@ The autoencoder objective assembled from these functions is
 
 and the discriminator objective ``disc_factor_at(step, ...) * discriminator_loss(D(x), D(x_hat.detach()))``.
 
+The training step (kl_ae.step) works on named :class:`Term` s: :func:`autoencoder_terms` gives the
+nll and KL (a new regularizer is one more entry there), the step adds the generator term ``g``
+after disc_start, :func:`total` sums them for the log, and :func:`surrogate` gives a loss with the
+same gradient that backpropagates LPIPS and D once; both read the same dict, so a term cannot be
+logged without being trained.
+
 Every function returns float32, also when its inputs come from bf16/fp16 autocast regions.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -219,3 +227,90 @@ def disc_factor_at(step: int, disc_start: int, factor: float = 1.0, ramp_steps: 
     if ramp_steps > 0:
         return float(factor) * min(1.0, (step - disc_start + 1) / ramp_steps)
     return float(factor)
+
+
+# --- the objective as named terms ------------------------------------------------------------
+
+
+@dataclass
+class Term:
+    """One term of the autoencoder objective ``total = sum(weight * value)``.
+
+    value: 0-dim float32 tensor with its autograd graph (logged as ``loss/<name>``).
+    weight: float or 0-dim detached tensor (e.g. the adaptive GAN weight).
+    via_reconstruction: the term depends on the trainable parameters only through the
+        reconstruction (and the NLL's logvar), as the NLL (pixels, LPIPS) and the generator term
+        (D) do; :func:`surrogate` then backpropagates its expensive part once. False (e.g. the
+        KL, or a regularizer on encoder features): it is backpropagated as is.
+    """
+
+    value: torch.Tensor
+    weight: float | torch.Tensor = 1.0
+    via_reconstruction: bool = False
+
+
+def autoencoder_terms(x: torch.Tensor, reconstruction: torch.Tensor, posterior, logvar: torch.Tensor,
+                      cfg, perceptual: nn.Module | None = None) -> tuple[dict[str, Term], dict[str, torch.Tensor]]:
+    """The autoencoder's own terms, each computed once: ``nll`` (pixel + perceptual, LDM's NLL)
+    and ``kl`` (weight ``cfg.kl_weight``); the step adds ``g`` after disc_start.
+
+    x: (B, 3, H, W) in [-1, 1]; reconstruction: same shape, float32 with its graph; posterior:
+    diffusers DiagonalGaussianDistribution; logvar: the 0-dim NLL log-variance; cfg: LossConfig
+    (l1_weight, l2_weight, perceptual_weight, kl_weight); perceptual: LPIPS module or None (off).
+    Returns (terms, parts): parts are detached 0-dim figures for the log only: ``l1`` and ``mse``
+    (mean per pixel, whatever the loss weights), ``perceptual`` (mean LPIPS, when on).
+    """
+    pixel = reconstruction_loss(x, reconstruction, None, 0.0, cfg.l1_weight, cfg.l2_weight)
+    with torch.no_grad():
+        error = x.float() - reconstruction
+        parts = {"l1": error.abs().mean(), "mse": error.square().mean()}
+    rec = pixel
+    if perceptual is not None and cfg.perceptual_weight > 0:
+        # fp32, outside autocast: bf16 quantises LPIPS's feature differences (see reconstruction_loss)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            lpips = perceptual(x.float(), reconstruction).float()  # (B, 1, 1, 1)
+        rec = rec + cfg.perceptual_weight * lpips
+        parts["perceptual"] = lpips.detach().mean()
+    terms = {"nll": Term(nll_loss(rec, logvar), via_reconstruction=True),
+             "kl": Term(kl_loss(posterior), cfg.kl_weight)}
+    return terms, parts
+
+
+def total(terms: dict[str, Term]) -> torch.Tensor:
+    """``sum(weight * value)`` over every term: the autoencoder loss, 0-dim float32."""
+    return sum(t.weight * t.value for t in terms.values())
+
+
+def reconstruction_grads(terms: dict[str, Term], reconstruction: torch.Tensor,
+                         logvar: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """For each via_reconstruction term, the detached gradients of its (unweighted) value w.r.t.
+    the reconstruction ((B, 3, H, W) float32) and the logvar (None when it is not trained): one
+    backward through LPIPS or D per term, shared by the adaptive weight and :func:`surrogate`."""
+    wrt = [reconstruction, logvar] if logvar.requires_grad else [reconstruction]
+    grads = {}
+    for name, term in terms.items():
+        if term.via_reconstruction:
+            g = torch.autograd.grad(term.value, wrt, retain_graph=True, allow_unused=True)
+            g_logvar = g[1] if len(g) > 1 and g[1] is not None else None
+            grads[name] = (g[0].detach(), None if g_logvar is None else g_logvar.detach())
+    return grads
+
+
+def surrogate(terms: dict[str, Term], reconstruction: torch.Tensor, logvar: torch.Tensor,
+              grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """A 0-dim loss whose gradient w.r.t. every trainable parameter equals that of
+    :func:`total` (terms), with each via_reconstruction term replaced by the chain rule from its
+    gradients ``grads`` (:func:`reconstruction_grads`): backward through the decoder once, not
+    through LPIPS and D again. Exact because those terms reach the parameters only through the
+    reconstruction (and logvar). Raises KeyError for a via_reconstruction term without grads."""
+    grad_rec = torch.zeros_like(reconstruction)
+    out = reconstruction.new_zeros(())
+    for name, term in terms.items():
+        if not term.via_reconstruction:
+            out = out + term.weight * term.value
+            continue
+        g_rec, g_logvar = grads[name]
+        grad_rec = grad_rec + term.weight * g_rec
+        if g_logvar is not None:
+            out = out + logvar * (term.weight * g_logvar)
+    return out + (reconstruction * grad_rec).sum()

@@ -57,6 +57,7 @@ def load_or_build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
             logger.warning("model.init_from is a single file without model.init_config: its scaling_factor is "
                            "unknown, so the export measures one; set model.init_config to keep the original")
     elif cfg.init_from:
+        check_init_from(cfg)
         vae = AutoencoderKL.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
     else:
         vae = build_autoencoder(cfg)

@@ -1,6 +1,6 @@
 """Experiment trackers, all through Accelerate's tracker API (``train.tracker``).
 
-Scalars go through ``accelerator.log`` (trainer ``_log_metrics``); sample grids through
+Scalars go through ``accelerator.log`` (kl_ae.monitor.log_metrics); sample grids through
 :func:`log_images`; the names and their validation live in :mod:`kl_ae.config`. Nothing else in
 the package knows which tracker is on.
 """

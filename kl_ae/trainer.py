@@ -9,10 +9,10 @@ checkpoints/step-NNNNNNN/ + checkpoints/latest, export/ (diffusers layout) and e
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -25,15 +25,17 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
-from kl_ae.config import Config, save_config, tracker_names
+from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
+from kl_ae.config import Config, check_init_from, save_config, tracker_names
 from kl_ae.data import (
     build_train_dataloader, final_phase_data, is_shard_source, resume_dataloader, shuffle_channels,
 )
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.grids import pair_grid, save_grid
-from kl_ae.images import DataError, SkipCounter
+from kl_ae.images import DataError
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
+from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
 from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
@@ -47,10 +49,6 @@ _ADAM_KERNEL = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": Tru
                 "for-loop": {"foreach": False, "fused": False}}
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the latest checkpoint is the last good state."""
-
-
 def scaled_learning_rate(cfg: Config, num_processes: int) -> float:
     """LDM's rule (main.py ``--scale_lr``, on by default): lr = accumulation * processes * batch * base_lr.
 
@@ -62,38 +60,50 @@ def scaled_learning_rate(cfg: Config, num_processes: int) -> float:
     return t.gradient_accumulation_steps * num_processes * t.batch_size * o.base_learning_rate
 
 
+_RUN_LOGGERS = ("kl_ae", "accelerate")  # what RUN/train.log records (Accelerate: its checkpoint lines)
+
+
 def _add_run_log(run_dir: Path, is_main: bool) -> logging.Handler | None:
-    """Send the ``kl_ae`` loggers to RUN/train.log (main process) for the duration of one run."""
+    """Send the ``kl_ae`` and ``accelerate`` loggers to RUN/train.log (main process) for the
+    duration of one run; undo with :func:`_remove_run_log`."""
     logger.setLevel(logging.INFO)
     if not is_main:
         return None
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
+    for name in _RUN_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     return handler
 
 
-def _batches(loader, counters: dict):
-    """Yield pixel batches forever from epoch ``counters["epoch"]`` on, keeping
-    ``counters["epoch"]`` / ``counters["batches_in_epoch"]`` (batches drawn, empty ones included)
-    current: the position a checkpoint records for an exact resume."""
+def _remove_run_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        for name in _RUN_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+def _batches(loader, state: LoopState, counters: RunCounters):
+    """Yield pixel batches forever from epoch ``state.epoch`` on, keeping ``state.epoch`` /
+    ``state.batches_in_epoch`` (batches drawn, empty ones included) current: the position a
+    checkpoint records for an exact resume."""
     while True:
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(counters["epoch"])
-        seen = counters["batches_in_epoch"]  # resumed mid-epoch (maybe at its very end): batches before
+            loader.set_epoch(state.epoch)
+        seen = state.batches_in_epoch  # resumed mid-epoch (maybe at its very end): batches before
         for batch in loader:
-            counters["batches_in_epoch"] += 1
-            counters["upscaled"] += int(batch["num_upscaled"])
+            state.batches_in_epoch += 1
+            counters.upscaled += int(batch["num_upscaled"])
             for reason, n in batch["skip_reasons"].items():
-                counters["skip_reasons"].add(reason, n)
+                counters.skip_reasons.add(reason, n)
             if batch["pixel_values"].shape[0] == 0:
                 continue
             seen += 1
             yield batch["pixel_values"]
         if seen == 0:
-            raise DataError(f"no usable training image in a whole epoch: {counters['skip_reasons'].summary()}")
-        counters["epoch"] += 1
-        counters["batches_in_epoch"] = 0
+            raise DataError(f"no usable training image in a whole epoch: {counters.skip_reasons.summary()}")
+        state.epoch += 1
+        state.batches_in_epoch = 0
 
 
 def _prepare_loader(accelerator: Accelerator, cfg: Config, loader):
@@ -111,20 +121,21 @@ def _final_phase_loader(cfg: Config):
     return build_train_dataloader(data, batch_size, seed=cfg.train.seed + 1)
 
 
-def _phases(cfg: Config, accelerator: Accelerator, loader, counters: dict, first_phase_over):
+def _phases(cfg: Config, accelerator: Accelerator, loader, state: LoopState, counters: RunCounters,
+            first_phase_over):
     """Batches of the resolution schedule (data.final_resolution): from ``loader`` while
-    ``counters["phase"]`` is 0 and ``first_phase_over()`` is false, then from a new loader of
+    ``state.phase`` is 0 and ``first_phase_over()`` is false, then from a new loader of
     final-phase crops, forever. ``loader`` is already the final phase's when resuming in it."""
-    if counters["phase"] == 0:
-        for x in _batches(loader, counters):
+    if state.phase == 0:
+        for x in _batches(loader, state, counters):
             if first_phase_over():  # this batch is dropped: the next step is a final-phase one
                 break
             yield x
         # The first phase's workers stay alive until the run ends (persistent workers, each with
         # its decode cache): a DataLoader has no public way to stop them early.
         loader = _prepare_loader(accelerator, cfg, _final_phase_loader(cfg))
-        counters.update(phase=1, epoch=0, batches_in_epoch=0)
-    yield from _batches(loader, counters)
+        state.phase, state.epoch, state.batches_in_epoch = 1, 0, 0
+    yield from _batches(loader, state, counters)
 
 
 def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
@@ -132,30 +143,6 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
     grid = pair_grid(x, rec)
     save_grid(grid, run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
     log_images(accelerator, {"samples/input_reconstruction": grid}, step)
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, position: dict,
-                    ema: EMAModel | None, vae, keep_last: int = 0) -> None:
-    """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``).
-
-    position: ``{"epoch", "batches_in_epoch"}`` of the data stream after this step."""
-    ckpts = run_dir / "checkpoints"
-    name = ckpt_io.checkpoint_name(step)
-    tmp = ckpts / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if ema is not None:  # every rank: under FSDP2 each contributes its shards
-        ckpt_io.save_ema(ema, list(vae.named_parameters()), tmp / ckpt_io.EMA_WEIGHTS,
-                         write=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        ckpt_io.finalize_checkpoint(tmp, ckpts / name, {"step": step, **position})
-        logger.info("saved checkpoint %s", ckpts / name)
-        for path in ckpt_io.prune_checkpoints(ckpts, keep_last):
-            logger.info("deleted old checkpoint %s (train.keep_last=%d)", path.name, keep_last)
-    accelerator.wait_for_everyone()
 
 
 def _checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -206,12 +193,16 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     """Train, checkpoint, export (and evaluate if ``data.val``). Returns the run directory.
 
     resume: 'latest' (the run directory's latest checkpoint), a checkpoint directory, or None.
-    Raises LPIPSWeightsError at start-up when LPIPS is asked for and its VGG16 trunk is missing,
-    DataError when the training data is unusable.
+    Raises, at start-up: ConfigError when model.init_from is missing or does not match the model
+    section, LPIPSWeightsError when LPIPS is asked for and its VGG16 trunk is missing, DataError
+    when the training data is unusable.
     """
     t = cfg.train
     run_dir = Path(t.output_dir)
-    # Unusable data or missing LPIPS weights: fail before Accelerate, models or the run directory.
+    # Unusable data, a VAE to fine-tune that is missing or does not match, or missing LPIPS
+    # weights: fail before Accelerate, models or the run directory.
+    if cfg.model.init_from:
+        check_init_from(cfg.model)
     loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)
     perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:
@@ -237,9 +228,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     try:
         _train(cfg, accelerator, run_dir, resume, loader, (perceptual, perceptual_name))
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            handler.close()
+        _remove_run_log(handler)
     return run_dir
 
 
@@ -252,8 +241,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     vae = ae.vae
 
     ckpt = _checkpoint_to_resume(resume, run_dir)
-    state = ckpt_io.read_loop_state(ckpt) if ckpt is not None else {}
-    if state.get("phase", 0):  # resuming in the resolution schedule's final phase
+    if ckpt is not None and LoopState.read(ckpt).phase:  # resuming in the resolution schedule's final phase
         loader = _final_phase_loader(cfg)
     raw_loader = loader
     loader = _prepare_loader(accelerator, cfg, loader)
@@ -267,59 +255,53 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
         ema.to(accelerator.device)
     models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
 
-    step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
+    state = LoopState()
     if ckpt is None:
         set_seed(t.seed, device_specific=True)  # different noise and crops on every rank
     else:
-        accelerator.load_state(str(ckpt))  # also restores every rank's RNG states
+        images_per_step = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+        state = restore_checkpoint(accelerator, ckpt, ema, vae, images_per_step)
         o = cfg.optim
         for sched in (sched_ae, sched_disc):  # this run's schedule settings, the checkpoint's progress
             configure(sched, o.lr_schedule, o.lr_warmup_steps, t.max_steps, o.lr_final_ratio)
-        if ema is not None and (ckpt / ckpt_io.EMA_WEIGHTS).is_file():
-            ckpt_io.load_ema_into(ema, list(vae.named_parameters()), ckpt / ckpt_io.EMA_WEIGHTS)
-        step = state["step"]
-        position = {"epoch": state["epoch"], "batches_in_epoch": state.get("batches_in_epoch", 0),
-                    "train_seconds": state.get("train_seconds", 0.0), "phase": state.get("phase", 0)}
-        if "images_seen" in state:
-            position["images_seen"] = state["images_seen"]
-        resume_dataloader(raw_loader, position["epoch"], position["batches_in_epoch"], accelerator.num_processes)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, position["epoch"],
-                    position["batches_in_epoch"])
+        resume_dataloader(raw_loader, state.epoch, state.batches_in_epoch, accelerator.num_processes)
+        logger.info("resumed from %s at step %d (phase %d, epoch %d, batch %d)", ckpt, state.step, state.phase,
+                    state.epoch, state.batches_in_epoch)
 
     if accelerator.is_main_process and tracker_names(t.tracker):
         accelerator.init_trackers("kl-ae", config=flat_config(cfg), init_kwargs=init_kwargs(run_dir))
-    _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position)
+    _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state)
     accelerator.end_training()
 
 
-def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: dict) -> None:
+def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state: LoopState) -> None:
     t = cfg.train
-    counters = {"upscaled": 0, "skip_reasons": SkipCounter(), "nonfinite_ae": 0, "nonfinite_disc": 0,
-                "consecutive": 0, "phase": 0,
-                "images_seen": step * t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
-                **position}
-    clock = TrainingClock(position.get("train_seconds", 0.0))
+    counters = RunCounters()
+    clock = TrainingClock(state.train_seconds)
     budget_s, every_s = t.max_minutes * 60.0, t.checkpoint_every_minutes * 60.0
     seconds = _synced_seconds(accelerator, clock)  # rank 0's: every rank must take the same decisions
     next_mark = (math.floor(seconds / every_s) + 1) * every_s if every_s else math.inf
     scalars: dict = {}
     images_since_log, t_log = 0, time.perf_counter()
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    last_saved = step
+    # with a time budget the bar counts steps without a total (tqdm's ETA would be by max_steps)
+    # and the postfix shows the training time left
+    bar = tqdm(total=None if budget_s else t.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    last_saved = state.step
     final_from = 1.0 - cfg.data.final_fraction if cfg.data.final_resolution else math.inf
 
     def first_phase_over() -> bool:  # same answer on every rank: step and rank 0's clock
-        return max(step / t.max_steps, seconds / budget_s if budget_s else 0.0) >= final_from
+        return max(state.step / t.max_steps, seconds / budget_s if budget_s else 0.0) >= final_from
 
     def checkpoint(seconds: float) -> None:
+        state.train_seconds = seconds
         with clock.pause():
-            save_checkpoint(accelerator, run_dir, step, _position(counters, seconds),
-                            ema, vae, t.keep_last)
+            save_checkpoint(accelerator, run_dir, state, ema, vae, t.keep_last)
 
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    batches = _phases(cfg, accelerator, loader, counters, first_phase_over)
-    for x in batches if step < t.max_steps and seconds < (budget_s or math.inf) else ():
+    batches = _phases(cfg, accelerator, loader, state, counters, first_phase_over)
+    for x in batches if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
+        step = state.step  # the step being taken (0-based); state.step counts the finished ones
         for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
             set_progress(sched, global_step=step + 1)
         x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
@@ -329,11 +311,11 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
             rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
             scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
         images_since_log += x.shape[0] * accelerator.num_processes
-        counters["images_seen"] += x.shape[0] * accelerator.num_processes
+        state.images_seen += x.shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
-        step += 1
-        ae_ok = _check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
+        state.step = step = step + 1
+        ae_ok = check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
         if ema is not None and ae_ok:
             ema.step(vae.parameters())
         # only a budget or time marks need every rank to agree (a broadcast per step under DDP)
@@ -346,10 +328,13 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
         out_of_time = bool(budget_s) and seconds >= budget_s
         if step % t.log_every == 0 or step == t.max_steps or out_of_time:
             elapsed = time.perf_counter() - t_log
-            metrics = _log_metrics(accelerator, scalars, step, counters, images_since_log / elapsed, models,
+            metrics = log_metrics(accelerator, scalars, state, counters, images_since_log / elapsed, models,
                                    seconds)
-            bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", img_s=f"{metrics['perf/images_per_s']:.2f}",
-                            min=f"{seconds / 60:.1f}")
+            live = {"loss": f"{metrics['loss/total']:.4g}", "l1": f"{metrics['loss/l1']:.4f}",
+                    "img/s": f"{metrics['perf/images_per_s']:.1f}"}
+            if budget_s:
+                live["left"] = str(datetime.timedelta(seconds=round(max(0.0, budget_s - seconds))))
+            bar.set_postfix(live)
             images_since_log, t_log = 0, time.perf_counter()
         with clock.pause():
             if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
@@ -368,14 +353,14 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, step, position: d
             break
     bar.close()
     seconds = _synced_seconds(accelerator, clock)
-    _log_data_summary(accelerator, counters)
-    _check_replicas(accelerator, models)
-    if last_saved != step:
+    log_data_summary(accelerator, counters)
+    check_replicas(accelerator, models)
+    if last_saved != state.step:
         checkpoint(seconds)
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process exports a plain copy
         vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
-        _finish(cfg, run_dir, vae, ema, step)
+        _finish(cfg, run_dir, vae, ema, state.step)
     accelerator.wait_for_everyone()
 
 
@@ -419,114 +404,6 @@ def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | N
         accelerator.log(metrics, step=step)
         logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.wait_for_everyone()
-
-
-def _check_replicas(accelerator: Accelerator, models: StepModels) -> None:
-    """Log whether every rank ends with the same autoencoder and discriminator parameters
-    (sha256 of their bytes): DDP should keep them identical; a difference is logged as an error."""
-    if accelerator.num_processes == 1:
-        return
-    if accelerator.is_fsdp2:  # ranks hold different shards by design
-        if accelerator.is_main_process:
-            logger.info("parameters sharded by FSDP2 across %d ranks: replica check skipped", accelerator.num_processes)
-        return
-    import hashlib
-
-    from accelerate.utils import gather_object
-
-    digest = hashlib.sha256()
-    for module in (models.autoencoder, models.discriminator):
-        for p in module.parameters():
-            digest.update(p.detach().float().cpu().numpy().tobytes())
-    digests = gather_object([digest.hexdigest()])
-    if accelerator.is_main_process:
-        if len(set(digests)) == 1:
-            logger.info("parameters identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
-        else:
-            logger.error("parameters DIFFER between ranks: %s", digests)
-
-
-def _log_data_summary(accelerator: Accelerator, counters: dict) -> None:
-    """Per-reason counts of unusable training images over all processes (logged on rank 0)."""
-    from accelerate.utils import gather_object
-
-    total = SkipCounter()
-    for part in gather_object([counters["skip_reasons"].as_dict()]):
-        for reason, n in part.items():
-            total.add(reason, n)
-    upscaled = sum(gather_object([counters["upscaled"]]))
-    if accelerator.is_main_process:
-        logger.info("training data, counted over all epochs: %s; %d crops came from images upscaled "
-                    "to the crop size",
-                    total.summary() if total.total else "no image skipped", upscaled)
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process in MiB (Linux /proc; -1 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return -1.0
-
-
-def _check_finite(scalars_ae: dict, scalars_d: dict, counters: dict, step: int, limit: int,
-                  run_dir: Path) -> bool:
-    """Count updates skipped for a non-finite gradient norm; stop after ``limit`` in a row.
-
-    Returns whether the autoencoder was updated. Raises TrainingDiverged (before any checkpoint
-    of the bad state is written) after ``limit`` consecutive bad steps.
-    """
-    ae_ok = bool(torch.isfinite(scalars_ae["optim/ae_grad_norm"]))
-    d_ok = "optim/disc_grad_norm" not in scalars_d or bool(torch.isfinite(scalars_d["optim/disc_grad_norm"]))
-    counters["nonfinite_ae"] += not ae_ok
-    counters["nonfinite_disc"] += not d_ok
-    counters["consecutive"] = 0 if ae_ok and d_ok else counters["consecutive"] + 1
-    if counters["consecutive"]:
-        bad = [name for name, ok in (("autoencoder", ae_ok), ("discriminator", d_ok)) if not ok]
-        logger.warning("step %d: non-finite loss or gradient in the %s; update skipped (%d in a row)",
-                       step, " and ".join(bad), counters["consecutive"])
-    if counters["consecutive"] >= limit:
-        raise TrainingDiverged(
-            f"{limit} consecutive steps with a non-finite loss or gradient (up to step {step}); stopped "
-            f"without saving this state. The last good checkpoint is {run_dir / 'checkpoints'} (latest): "
-            "resume from it with a lower optim.base_learning_rate, optim.max_grad_norm > 0, or "
-            "train.mixed_precision=no"
-        )
-    return ae_ok
-
-
-def _position(counters: dict, seconds: float) -> dict:
-    """Loop state of a checkpoint: the data position (exact resume: resolution-schedule phase,
-    epoch and batch within it), the training seconds so far (train.max_minutes counts over
-    resumes) and the images seen over all processes (bench/quality.py's x axis)."""
-    return {"epoch": counters["epoch"], "batches_in_epoch": counters["batches_in_epoch"],
-            "train_seconds": round(seconds, 3), "images_seen": counters["images_seen"],
-            "phase": counters["phase"]}
-
-
-def _log_metrics(accelerator, scalars: dict, step: int, counters: dict, images_per_s: float,
-                 models: StepModels, seconds: float) -> dict:
-    """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
-    keys = sorted(scalars)
-    values = accelerator.reduce(torch.stack([scalars[k].float() for k in keys]), reduction="mean")
-    metrics = {k: v for k, v in zip(keys, values.tolist())}
-    metrics.update({
-        "perf/images_per_s": images_per_s,
-        "perf/train_minutes": seconds / 60.0,
-        "optim/lr": models.opt_ae.param_groups[0]["lr"],
-        "data/epoch": counters["epoch"],
-        "data/upscaled": counters["upscaled"],
-        "data/skipped": counters["skip_reasons"].total,
-        "perf/rss_mb": _rss_mb(),
-        "optim/nonfinite_ae_steps": counters["nonfinite_ae"],
-        "optim/nonfinite_disc_steps": counters["nonfinite_disc"],
-    })
-    if any(not math.isfinite(v) for v in metrics.values()):
-        logger.warning("non-finite value at step %d: %s", step, metrics)
-    accelerator.log(metrics, step=step)
-    logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
 
 
 def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> None:

@@ -54,8 +54,21 @@ def test_full_finetune_recomputes_factors(setup, tmp_path):
 def test_mismatched_architecture_is_one_clear_error(setup, tmp_path):
     photos, original = setup
     with pytest.raises(ConfigError, match=r"model.latent_channels=16 but the VAE has 4"):
-        run(photos, original, tmp_path / "run", "model.latent_channels=16")
+        train(run(photos, original, tmp_path / "run", "model.latent_channels=16"))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
     with pytest.raises(ConfigError, match="no config.json"):
-        load_config(None, ARCH + [f"model.init_from={tmp_path / 'missing'}"])
+        train(load_config(None, ARCH + [f"model.init_from={tmp_path / 'missing'}"]))
     with pytest.raises(ConfigError, match="needs model.init_from"):
         load_config(None, ["model.train_encoder=false"])
+
+
+def test_saved_config_reloads_after_the_vae_has_moved(setup, tmp_path):
+    """Validating a config reads no disk: kl-ae export / eval reload a fine-tune's config.yaml
+    although its model.init_from is gone."""
+    from kl_ae.config import save_config
+
+    photos, original = setup
+    cfg = run(photos, original, tmp_path / "run")
+    save_config(cfg, tmp_path / "config.yaml")
+    original.rename(tmp_path / "moved")
+    assert load_config(tmp_path / "config.yaml").model.init_from == str(original)

@@ -101,3 +101,42 @@ def test_presets_keep_the_ldm_recipe(preset):
     assert cfg.optim.base_learning_rate == 4.5e-6 and cfg.optim.scale_lr
     assert cfg.train.batch_size == 12 and cfg.train.gradient_accumulation_steps == 2
     assert cfg.data.resolution == 256 and not cfg.model.init_from
+
+
+def test_preset_factors_are_the_published_ones(preset):
+    from kl_ae.presets import PRESETS
+
+    name, cfg, _ = preset
+    p = PRESETS[cfg.model.preset]
+    assert (p.scaling_factor, p.shift_factor) == (PUBLISHED[name]["scaling_factor"], PUBLISHED[name]["shift_factor"])
+
+
+def test_yaml_and_set_values_apply_on_top_of_a_preset(tmp_path):
+    from kl_ae.config import ConfigError, save_config
+
+    cfg = load_config(None, ["model.latent_channels=32", "model.preset=flux"])  # order does not matter
+    assert (cfg.model.latent_channels, cfg.model.use_quant_conv, cfg.model.use_shift_factor) == (32, False, True)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg  # a run's saved config reloads as it was
+    with pytest.raises(ConfigError, match="model.preset='sd5' is not a preset"):
+        load_config(None, ["model.preset=sd5"])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_states_only_what_differs_from_the_defaults(path):
+    """Every value in a shipped config differs from the default beneath it (the dataclass default,
+    or its preset's value): a config that restates defaults hides what it changes."""
+    import dataclasses
+
+    import yaml
+
+    from kl_ae.config import Config, _apply, preset_values
+
+    raw = yaml.safe_load(path.read_text())
+    beneath = Config()
+    if raw.get("model", {}).get("preset"):
+        _apply(beneath.model, preset_values(raw["model"]["preset"]), "model.")
+    restated = [f"{section}.{key}: {value!r}" for section, values in raw.items() for key, value in values.items()
+                if key != "preset" and getattr(getattr(beneath, section), key) == value]
+    assert not restated, f"{path.name} restates defaults: {restated}"
+    assert set(raw) <= {f.name for f in dataclasses.fields(Config)}

@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from kl_ae import losses
 from kl_ae.config import load_config
-from kl_ae.trainer import TrainingDiverged, train
+from kl_ae.monitor import TrainingDiverged
+from kl_ae.trainer import train
 import helpers
 
 

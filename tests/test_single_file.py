@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL
 
-from kl_ae.config import ConfigError, load_config
+from kl_ae.config import ConfigError, check_init_from, load_config
 from kl_ae.model import load_or_build_autoencoder
 from kl_ae.trainer import train
 import helpers
@@ -79,20 +79,26 @@ def test_loads_exactly(original, tmp_path, name, with_config):
         assert loaded.config.scaling_factor == 0.123
 
 
-def test_unusable_paths_fail_at_config_time(original, tmp_path):
+def checked(*overrides):
+    """What a run checks before it builds any model (kl_ae.trainer.train calls it first)."""
+    cfg = load_config(None, ARCH + list(overrides))
+    check_init_from(cfg.model)
+    return cfg
+
+
+def test_unusable_paths_fail_before_any_model_is_built(original, tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        load_config(None, ARCH + [f"model.init_from={tmp_path / 'missing.ckpt'}"])
+        checked(f"model.init_from={tmp_path / 'missing.ckpt'}")
     (tmp_path / "vae.npz").write_bytes(b"")
     with pytest.raises(ConfigError, match="unknown file type '.npz'"):
-        load_config(None, ARCH + [f"model.init_from={tmp_path / 'vae.npz'}"])
+        checked(f"model.init_from={tmp_path / 'vae.npz'}")
     with pytest.raises(ConfigError, match=r"model.init_config=.* does not match .*latent_channels=8 but the VAE has"):
-        load_config(None, ARCH + [f"model.init_from={tmp_path / 'vae.ckpt'}", "model.latent_channels=8",
-                                  f"model.init_config={tmp_path / 'diffusers'}"])
+        checked(f"model.init_from={tmp_path / 'vae.ckpt'}", "model.latent_channels=8",
+                f"model.init_config={tmp_path / 'diffusers'}")
     with pytest.raises(ConfigError, match="model.init_config=.*: no config.json"):
-        load_config(None, ARCH + [f"model.init_from={tmp_path / 'vae.ckpt'}", f"model.init_config={tmp_path}"])
+        checked(f"model.init_from={tmp_path / 'vae.ckpt'}", f"model.init_config={tmp_path}")
     with pytest.raises(ConfigError, match="only for a single-file"):
-        load_config(None, ARCH + [f"model.init_from={tmp_path / 'diffusers'}",
-                                  f"model.init_config={tmp_path / 'diffusers'}"])
+        checked(f"model.init_from={tmp_path / 'diffusers'}", f"model.init_config={tmp_path / 'diffusers'}")
     with pytest.raises(ConfigError, match="set model.init_from too"):
         load_config(None, ARCH + [f"model.init_config={tmp_path / 'diffusers'}"])
 

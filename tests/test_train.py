@@ -139,3 +139,25 @@ def test_missing_data_or_lpips_weights_stop_at_start_up(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "vgg16-397923af.pth" in err and str(tmp_path / "empty_torch_home") in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True])
+def test_console_shows_the_bar_and_checkpoints_and_train_log_every_step(photos, tmp_path, verbose):
+    """`kl-ae train` prints the progress bar and one line per checkpoint; the per-step figures
+    (and Accelerate's per-file lines) go to train.log, and to the console only with --verbose."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    sets = [a for kv in tiny_overrides(photos, run_dir, steps=4) for a in ("--set", kv)]
+    sets += ["--set", "loss.perceptual_weight=0", "--set", "train.eval_every=0"]
+    cmd = [sys.executable, "-m", "kl_ae.cli", "train", *sets, *(["--verbose"] if verbose else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console, log = proc.stderr, (run_dir / "train.log").read_text()
+    assert "step 4 " in log and "optim/lr=" in log  # every logged step's figures in the file
+    assert "saved checkpoint" in console and "train: " in console  # checkpoint lines, tqdm's bar
+    assert ("optim/lr=" in console) == verbose
+    assert ("accelerate.checkpointing" in console) == verbose
+    assert "accelerate.checkpointing" in log  # Accelerate's save lines are kept in the file

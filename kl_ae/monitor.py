@@ -1,0 +1,135 @@
+"""What the training loop checks and reports besides the loss: the one logging path of the
+scalars, finiteness of each update (and when to give up), the data summary and the DDP replica check.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from kl_ae.checkpoint import LoopState
+from kl_ae.images import SkipCounter
+from kl_ae.step import StepModels
+
+logger = logging.getLogger("kl_ae")
+step_logger = logging.getLogger("kl_ae.steps")  # every logged step's figures: train.log (the console with --verbose)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the latest checkpoint is the last good state."""
+
+
+@dataclass
+class RunCounters:
+    """What this process counts during one run (not saved: logged and summarised at the end)."""
+
+    upscaled: int = 0  # crops taken from images upscaled to the crop size
+    skip_reasons: SkipCounter = field(default_factory=SkipCounter)  # unusable images, by reason
+    nonfinite_ae: int = 0  # skipped autoencoder updates (non-finite gradient norm)
+    nonfinite_disc: int = 0  # skipped discriminator updates
+    consecutive: int = 0  # bad steps in a row (the run stops at train.max_nonfinite_steps)
+
+
+def check_finite(scalars_ae: dict, scalars_d: dict, counters: RunCounters, step: int, limit: int,
+                  run_dir: Path) -> bool:
+    """Count updates skipped for a non-finite gradient norm; stop after ``limit`` in a row.
+
+    Returns whether the autoencoder was updated. Raises TrainingDiverged (before any checkpoint
+    of the bad state is written) after ``limit`` consecutive bad steps.
+    """
+    ae_ok = bool(torch.isfinite(scalars_ae["optim/ae_grad_norm"]))
+    d_ok = "optim/disc_grad_norm" not in scalars_d or bool(torch.isfinite(scalars_d["optim/disc_grad_norm"]))
+    counters.nonfinite_ae += not ae_ok
+    counters.nonfinite_disc += not d_ok
+    counters.consecutive = 0 if ae_ok and d_ok else counters.consecutive + 1
+    if counters.consecutive:
+        bad = [name for name, ok in (("autoencoder", ae_ok), ("discriminator", d_ok)) if not ok]
+        logger.warning("step %d: non-finite loss or gradient in the %s; update skipped (%d in a row)",
+                       step, " and ".join(bad), counters.consecutive)
+    if counters.consecutive >= limit:
+        raise TrainingDiverged(
+            f"{limit} consecutive steps with a non-finite loss or gradient (up to step {step}); stopped "
+            f"without saving this state. The last good checkpoint is {run_dir / 'checkpoints'} (latest): "
+            "resume from it with a lower optim.base_learning_rate, optim.max_grad_norm > 0, or "
+            "train.mixed_precision=no"
+        )
+    return ae_ok
+
+
+def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCounters, images_per_s: float,
+                 models: StepModels, seconds: float) -> dict:
+    """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
+    keys = sorted(scalars)
+    values = accelerator.reduce(torch.stack([scalars[k].float() for k in keys]), reduction="mean")
+    metrics = {k: v for k, v in zip(keys, values.tolist())}
+    metrics.update({
+        "perf/images_per_s": images_per_s,
+        "perf/train_minutes": seconds / 60.0,
+        "optim/lr": models.opt_ae.param_groups[0]["lr"],
+        "data/epoch": state.epoch,
+        "data/upscaled": counters.upscaled,
+        "data/skipped": counters.skip_reasons.total,
+        "perf/rss_mb": rss_mb(),
+        "optim/nonfinite_ae_steps": counters.nonfinite_ae,
+        "optim/nonfinite_disc_steps": counters.nonfinite_disc,
+    })
+    if any(not math.isfinite(v) for v in metrics.values()):
+        logger.warning("non-finite value at step %d: %s", state.step, metrics)
+    accelerator.log(metrics, step=state.step)
+    step_logger.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def log_data_summary(accelerator: Accelerator, counters: RunCounters) -> None:
+    """Per-reason counts of unusable training images over all processes (logged on rank 0)."""
+    from accelerate.utils import gather_object
+
+    total = SkipCounter()
+    for part in gather_object([counters.skip_reasons.as_dict()]):
+        for reason, n in part.items():
+            total.add(reason, n)
+    upscaled = sum(gather_object([counters.upscaled]))
+    if accelerator.is_main_process:
+        logger.info("training data, counted over all epochs: %s; %d crops came from images upscaled "
+                    "to the crop size",
+                    total.summary() if total.total else "no image skipped", upscaled)
+
+
+def check_replicas(accelerator: Accelerator, models: StepModels) -> None:
+    """Log whether every rank ends with the same autoencoder and discriminator parameters
+    (sha256 of their bytes): DDP should keep them identical; a difference is logged as an error."""
+    if accelerator.num_processes == 1:
+        return
+    if accelerator.is_fsdp2:  # ranks hold different shards by design
+        if accelerator.is_main_process:
+            logger.info("parameters sharded by FSDP2 across %d ranks: replica check skipped", accelerator.num_processes)
+        return
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for module in (models.autoencoder, models.discriminator):
+        for p in module.parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if accelerator.is_main_process:
+        if len(set(digests)) == 1:
+            logger.info("parameters identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
+        else:
+            logger.error("parameters DIFFER between ranks: %s", digests)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc; -1 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return -1.0
