@@ -2,7 +2,7 @@
 
     python bench/dataload.py path/to/photos --resolution 256 --short-side 256 512 --images 64
 
-Runs kl-ae's training dataset (kl_ae.data, the same decode with JPEG draft mode, short-side
+Runs kl-ae's training dataset (kl_ae.data.loaders, the same decode with JPEG draft mode, short-side
 resize into ``--short-side`` and random crop as training) in this process, i.e. what one
 DataLoader worker delivers. The loader never starves the step while workers x this rate exceeds
 the training images/s from bench/throughput.py; the printout gives the workers needed.
@@ -32,7 +32,7 @@ def main() -> None:
     a = p.parse_args()
     sys.path.insert(0, str(REPO))
     from kl_ae.config import DataConfig
-    from kl_ae.data import build_train_dataloader
+    from kl_ae.data.loaders import build_train_dataloader
 
     cfg = DataConfig(train=a.data, resolution=a.resolution, short_side_range=list(a.short_side or []),
                      num_workers=0, shuffle_buffer=8)

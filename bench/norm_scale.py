@@ -24,10 +24,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from kl_ae.evaluate import _batches
-from kl_ae.export import autoencoder_from_checkpoint, load_autoencoder
-from kl_ae.images import SkipCounter
-from kl_ae.metrics import image_metrics
+from kl_ae.eval.evaluate import _batches
+from kl_ae.data.images import SkipCounter
+from kl_ae.eval.metrics import image_metrics
+from kl_ae.model import load_autoencoder, reconstruct as decode_mode
 
 RESOLUTION = 256
 
@@ -58,14 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if RESOLUTION % a.window:
         p.error(f"--window must divide {RESOLUTION}")
-    try:
-        vae = load_autoencoder(a.model)
-    except (FileNotFoundError, OSError, ValueError):
-        vae = autoencoder_from_checkpoint(a.model)[0]
-    vae = vae.float().eval()
+    vae = load_autoencoder(a.model).float().eval()
 
     def reconstruct(x):
-        return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        return decode_mode(vae, x).clamp(-1, 1)
 
     def tiled(x):
         out = torch.empty_like(x)

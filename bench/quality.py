@@ -19,7 +19,7 @@ checkpoint writes left out), one after another on the same machine, never at the
              first measures its step rate and the real run gets the steps that fill the budget;
              its final model is evaluated at its measured training time
 
-Every saved model is then evaluated on ``--val`` with ``kl-ae eval``'s protocol (kl_ae.evaluate:
+Every saved model is then evaluated on ``--val`` with ``kl-ae eval``'s protocol (kl_ae.eval.evaluate:
 short side resized to 256, centre crop, PSNR on 8-bit images, SSIM, LPIPS only with the real
 VGG16 weights) and its two baselines (mean colour, bicubic down/up by the model's factor).
 Writes result.json, table.md and quality.png (PSNR against minutes and against images seen,
@@ -188,7 +188,7 @@ def _materialise(spec: str, folder: Path) -> Path:
         return Path(spec)
     from PIL import Image
 
-    from kl_ae.sources import list_image_files
+    from kl_ae.data.sources import list_image_files
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(list_image_files(spec)):
@@ -198,8 +198,8 @@ def _materialise(spec: str, folder: Path) -> Path:
 
 def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolution: int) -> dict | None:
     """Fill each point with PSNR/SSIM(/LPIPS); return the baselines of the first evaluation."""
-    from kl_ae.evaluate import evaluate
-    from kl_ae.export import load_autoencoder
+    from kl_ae.eval.evaluate import evaluate
+    from kl_ae.model import load_autoencoder
 
     baselines = None
     for point in points:
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO)}
     lpips_trunk = None if a.lpips_trunk == "none" else a.lpips_trunk
-    from kl_ae.sources import iter_images
+    from kl_ae.data.sources import iter_images
 
     try:  # a bad --val would otherwise surface only after the whole training budget
         next(iter_images(a.val))

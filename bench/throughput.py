@@ -79,7 +79,7 @@ def _materialise_data(folder: Path, n: int = 32) -> Path:
     """n JPEG files cycling through the scikit-image photos (offline, shipped with the install)."""
     from PIL import Image
 
-    from kl_ae.sources import list_image_files
+    from kl_ae.data.sources import list_image_files
 
     folder.mkdir(parents=True)
     photos = list_image_files("builtin:train")

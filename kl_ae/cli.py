@@ -35,7 +35,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from kl_ae.evaluate import run
+    from kl_ae.eval.evaluate import run
 
     from kl_ae.distributed import process_state
 
@@ -44,8 +44,8 @@ def _eval(args: argparse.Namespace) -> None:
         full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above,
         lpips_net=args.lpips_net, rfid_weights=args.rfid_weights)
     if args.grid and process_state().is_main_process:
-        from kl_ae.export import load_autoencoder
-        from kl_ae.grids import reconstruction_grid
+        from kl_ae.model import load_autoencoder
+        from kl_ae.eval.grids import reconstruction_grid
 
         path = reconstruction_grid(load_autoencoder(args.model), args.images, args.grid,
                                    resolution=args.resolution, max_images=args.grid_images,
@@ -54,7 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from kl_ae.bench import run_bench
+    from kl_ae.rd.benchmark import run_bench
 
     run_bench(args.models, args.images, args.out, resolution=args.resolution, batch_size=args.batch_size,
               max_images=args.max_images, lpips_trunk=args.lpips_trunk,
@@ -62,7 +62,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _shards(args: argparse.Namespace) -> None:
-    from kl_ae.shards import pack_shards
+    from kl_ae.data.shards import pack_shards
 
     result = pack_shards(args.src, args.out, max_count=args.max_count)
     print(json.dumps(result, indent=2))
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing we run needs the Hub; avoids retry stalls
     args = build_parser().parse_args(argv)
     _console_logging(quiet=not getattr(args, "verbose", True))
-    from kl_ae.config import ConfigError
+    from kl_ae.parsing import ConfigError
 
     try:
         args.func(args)

@@ -8,38 +8,15 @@ raises :class:`ConfigError` naming the key, before any model is built.
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from kl_ae.parsing import ConfigError, apply, load_yaml, parse_override
 from kl_ae.precision import CHOICES as PRECISION_CHOICES
 from kl_ae.schedule import SCHEDULES as LR_SCHEDULES
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false, so ``mixed_precision: no`` stays "no"."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names the key and what to do."""
+from kl_ae.tracking import check_trackers
 
 
 @dataclass
@@ -358,157 +335,6 @@ def _check_final_phase(d: DataConfig, factor: int) -> None:
             f"data.final_resolution={d.final_resolution} <= lo <= hi, got {lohi}")
 
 
-def tracker_names(spec: str) -> list[str]:
-    """``train.tracker`` -> tracker names: 'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'none' -> []."""
-    return [] if spec.strip() == "none" else [name.strip() for name in spec.split(",")]
-
-
-def check_trackers(spec: str) -> None:
-    """Raise ConfigError unless every name in ``spec`` is a tracker Accelerate knows and its package
-    is installed (Accelerate itself would drop a missing one silently)."""
-    import accelerate.utils
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    known = sorted(LOGGER_TYPE_TO_CLASS)
-    for name in tracker_names(spec):
-        if name not in known:
-            raise ConfigError(f"train.tracker={spec!r}: unknown tracker {name!r}; use 'none' or one or more "
-                              f"comma-separated of {known}")
-        available = getattr(accelerate.utils, f"is_{name}_available", None)  # None: a registered custom tracker
-        if available is not None and not available():
-            raise ConfigError(f"train.tracker={spec!r}: the {name} package is not installed; pip install {name}")
-
-
-# ModelConfig field -> diffusers config.json key that must agree when fine-tuning a VAE
-_INIT_FROM_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
-                   "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
-
-
-# Single-file VAEs (LDM/SGM key layout) model.init_from accepts, read by kl_ae/single_file.py
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-
-
-def check_init_from(m: ModelConfig) -> dict | None:
-    """Check ``m.init_from`` (and ``m.init_config``) against ``m`` without reading any weights.
-
-    Returns the diffusers config that describes the VAE: the directory's config.json, or for a
-    single file init_config's (None without one: the model section is the architecture).
-    Raises ConfigError naming the path and every disagreeing key, before any model is built.
-    """
-    path = Path(m.init_from)
-    if path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir():
-        if not path.is_file():
-            raise ConfigError(f"model.init_from={m.init_from!r}: no such file")
-        if not m.init_config:
-            return None
-        source, value = "model.init_config", m.init_config
-        file = Path(value) if Path(value).is_file() else Path(value) / "config.json"
-    elif path.is_file():
-        raise ConfigError(f"model.init_from={m.init_from!r}: unknown file type {path.suffix!r}; a single-file VAE "
-                          f"must end in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
-    elif m.init_config:
-        raise ConfigError("model.init_config is only for a single-file model.init_from; a directory's own "
-                          "config.json describes it (leave model.init_config empty)")
-    else:
-        source, value, file = "model.init_from", m.init_from, path / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"{source}={value!r}: no config.json there; expected a local diffusers AutoencoderKL "
-                          "directory (e.g. the vae/ folder of a pipeline, or a kl-ae export) or " + (
-                              "its config.json" if m.init_config else f"a single-file VAE {SINGLE_FILE_SUFFIXES}"))
-    import json
-
-    config = json.loads(file.read_text())
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConfigError(f"{source}={value!r} holds a {config['_class_name']}, not an AutoencoderKL")
-    bad = []
-    for key in _INIT_FROM_KEYS:
-        theirs = config.get(key, True if key.startswith(("use_", "mid_")) else None)
-        ours = getattr(m, key)
-        if isinstance(theirs, (list, tuple)):
-            theirs = list(theirs)
-        if theirs != ours:
-            bad.append(f"model.{key}={ours!r} but the VAE has {theirs!r}")
-    if bad:
-        raise ConfigError(f"{source}={value!r} does not match the model config: " + "; ".join(bad)
-                          + " (set these keys, or use the preset of that VAE)")
-    return config
-
-
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` coerced to the annotated type ``tp``, or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
-        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - only the types above are used in the dataclasses
-        raise TypeError(f"unsupported config type {tp} for {key}")
-    raise ConfigError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _apply(obj: Any, values: dict, prefix: str = "") -> None:
-    """Set the fields of dataclass ``obj`` from a nested dict, checking names and types."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(names)}")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            _apply(current, value, key + ".")
-        else:
-            setattr(obj, name, _check_type(value, hints[name], key))
-
-
-def _parse_override(item: str) -> dict:
-    """``'train.max_steps=20'`` -> ``{'train': {'max_steps': 20}}`` (value parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set has an empty key part in {item!r}")
-    value = _load_yaml(raw) if raw.strip() else ""
-    nested: dict = {parts[-1]: value}
-    for part in reversed(parts[:-1]):
-        nested = {part: nested}
-    return nested
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a Config from the defaults, a YAML file and ``dotted.key=value`` overrides.
 
@@ -521,18 +347,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            layers.append(_load_yaml(path.read_text()) or {})
+            layers.append(load_yaml(path.read_text()) or {})
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-    layers += [_parse_override(item) for item in overrides]
+    layers += [parse_override(item) for item in overrides]
     cfg = Config()
     for values in layers:  # first the preset the layers name (the last one wins): the defaults beneath them
-        _apply(cfg, values)
+        apply(cfg, values)
     if cfg.model.preset:
         preset, cfg = cfg.model.preset, Config()
-        _apply(cfg.model, preset_values(preset), "model.")
+        apply(cfg.model, preset_values(preset), "model.")
         for values in layers:
-            _apply(cfg, values)
+            apply(cfg, values)
     cfg.validate()
     return cfg
 

@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from kl_ae.checkpoint import full_tensor
-from kl_ae.config import Config, ConfigError
+from kl_ae.config import Config
+from kl_ae.parsing import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,12 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from kl_ae.checkpoint import EMA_WEIGHTS, load_autoencoder_state, read_loop_state, resolve_checkpoint, run_dir_of
-from kl_ae.config import Config, check_init_from, load_config
-from kl_ae.model import build_autoencoder
+from kl_ae.config import Config
+
+from kl_ae.model import check_init_from
+from kl_ae.model import autoencoder_from_checkpoint
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG = "config.yaml"
-
 
 @torch.no_grad()
 def compute_latent_factors(
@@ -47,9 +45,9 @@ def compute_latent_factors(
     Returns a dict with scaling_factor, shift_factor (None unless use_shift), mean, std,
     num_images and images. Raises ValueError when no image could be read.
     """
-    from kl_ae.sources import iter_images
-    from kl_ae.images import eval_transform
-    from kl_ae.latent import LatentStats
+    from kl_ae.data.sources import iter_images
+    from kl_ae.data.images import eval_transform
+    from kl_ae.eval.latent import LatentStats
 
     device = next(vae.parameters()).device
     was_training = vae.training
@@ -126,44 +124,6 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
         out_dir, factors["scaling_factor"], factors["shift_factor"],
     )
     return out_dir
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    file = Path(run_dir) / RUN_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a kl-ae run directory (no {RUN_CONFIG})")
-    return load_config(file)
-
-
-def autoencoder_from_checkpoint(checkpoint: str | Path, use_ema: bool = True) -> tuple[AutoencoderKL, Config, dict]:
-    """Build the autoencoder of a run checkpoint (EMA weights when present) with its run config."""
-    ckpt = resolve_checkpoint(checkpoint)
-    cfg = load_run_config(run_dir_of(ckpt))
-    vae = build_autoencoder(cfg.model)
-    vae.load_state_dict(load_autoencoder_state(ckpt, use_ema=use_ema))
-    loop_state = read_loop_state(ckpt)
-    loop_state["ema"] = use_ema and (ckpt / EMA_WEIGHTS).is_file()
-    return vae, cfg, loop_state
-
-
-def load_autoencoder(path: str | Path) -> AutoencoderKL:
-    """Load an ``AutoencoderKL`` from a diffusers directory, a run directory or a checkpoint.
-
-    Raises FileNotFoundError naming what was expected when ``path`` is none of these.
-    """
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        vae, _, _ = autoencoder_from_checkpoint(path)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{path} is neither a diffusers AutoencoderKL directory (config.json + safetensors) "
-            f"nor a kl-ae run or checkpoint directory: {err}"
-        ) from err
-    return vae
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,

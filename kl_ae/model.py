@@ -15,11 +15,67 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from kl_ae.config import LossConfig, ModelConfig, check_init_from
+from kl_ae.checkpoint import EMA_WEIGHTS, load_autoencoder_state, read_loop_state, resolve_checkpoint, run_dir_of
+from kl_ae.config import Config, LossConfig, ModelConfig, load_config
+from kl_ae.parsing import ConfigError
 from kl_ae.discriminator import PatchDiscriminator
 from kl_ae.single_file import load_ldm_vae_weights
 
 logger = logging.getLogger(__name__)
+
+
+_INIT_FROM_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                   "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+# Single-file VAEs (LDM/SGM key layout) model.init_from accepts, read by kl_ae/single_file.py
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def check_init_from(m: ModelConfig) -> dict | None:
+    """Check ``m.init_from`` (and ``m.init_config``) against ``m`` without reading any weights.
+
+    Returns the diffusers config that describes the VAE: the directory's config.json, or for a
+    single file init_config's (None without one: the model section is the architecture).
+    Raises ConfigError naming the path and every disagreeing key, before any model is built.
+    """
+    path = Path(m.init_from)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir():
+        if not path.is_file():
+            raise ConfigError(f"model.init_from={m.init_from!r}: no such file")
+        if not m.init_config:
+            return None
+        source, value = "model.init_config", m.init_config
+        file = Path(value) if Path(value).is_file() else Path(value) / "config.json"
+    elif path.is_file():
+        raise ConfigError(f"model.init_from={m.init_from!r}: unknown file type {path.suffix!r}; a single-file VAE "
+                          f"must end in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    elif m.init_config:
+        raise ConfigError("model.init_config is only for a single-file model.init_from; a directory's own "
+                          "config.json describes it (leave model.init_config empty)")
+    else:
+        source, value, file = "model.init_from", m.init_from, path / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{source}={value!r}: no config.json there; expected a local diffusers AutoencoderKL "
+                          "directory (e.g. the vae/ folder of a pipeline, or a kl-ae export) or " + (
+                              "its config.json" if m.init_config else f"a single-file VAE {SINGLE_FILE_SUFFIXES}"))
+    import json
+
+    config = json.loads(file.read_text())
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ConfigError(f"{source}={value!r} holds a {config['_class_name']}, not an AutoencoderKL")
+    bad = []
+    for key in _INIT_FROM_KEYS:
+        theirs = config.get(key, True if key.startswith(("use_", "mid_")) else None)
+        ours = getattr(m, key)
+        if isinstance(theirs, (list, tuple)):
+            theirs = list(theirs)
+        if theirs != ours:
+            bad.append(f"model.{key}={ours!r} but the VAE has {theirs!r}")
+    if bad:
+        raise ConfigError(f"{source}={value!r} does not match the model config: " + "; ".join(bad)
+                          + " (set these keys, or use the preset of that VAE)")
+    return config
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
@@ -152,3 +208,59 @@ def build_discriminator(cfg: LossConfig) -> DiscriminatorWrapper:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# --- what every part needs of a trained autoencoder: its factor, a reconstruction, loading it --
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Spatial factor f of a diffusers AutoencoderKL: one 2x downsample per block but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """Decode the posterior mode (the mean) of ``x``: the deterministic reconstruction that
+    evaluation, grids and codec comparisons score. x: (B, 3, H, W) in [-1, 1]; returns the same
+    shape, unclamped, in ``vae``'s dtype."""
+    return vae.decode(vae.encode(x).latent_dist.mode()).sample
+
+
+RUN_CONFIG = "config.yaml"  # a run directory's resolved config, written before step 0
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    file = Path(run_dir) / RUN_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a kl-ae run directory (no {RUN_CONFIG})")
+    return load_config(file)
+
+
+def autoencoder_from_checkpoint(checkpoint: str | Path, use_ema: bool = True) -> tuple[AutoencoderKL, Config, dict]:
+    """Build the autoencoder of a run checkpoint (EMA weights when present) with its run config."""
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = load_run_config(run_dir_of(ckpt))
+    vae = build_autoencoder(cfg.model)
+    vae.load_state_dict(load_autoencoder_state(ckpt, use_ema=use_ema))
+    loop_state = read_loop_state(ckpt)
+    loop_state["ema"] = use_ema and (ckpt / EMA_WEIGHTS).is_file()
+    return vae, cfg, loop_state
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """Load an ``AutoencoderKL`` from a diffusers directory, a run directory or a checkpoint.
+
+    Raises FileNotFoundError naming what was expected when ``path`` is none of these.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        vae, _, _ = autoencoder_from_checkpoint(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path} is neither a diffusers AutoencoderKL directory (config.json + safetensors) "
+            f"nor a kl-ae run or checkpoint directory: {err}"
+        ) from err
+    return vae

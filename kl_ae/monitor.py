@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from kl_ae.checkpoint import LoopState
-from kl_ae.images import SkipCounter
+from kl_ae.data.images import SkipCounter
 from kl_ae.step import StepModels
 
 logger = logging.getLogger("kl_ae")

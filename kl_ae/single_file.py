@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, convert_ldm_vae_checkpoint
 from safetensors import safe_open
 
-from kl_ae.config import ConfigError
+from kl_ae.parsing import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -1,19 +1,21 @@
 """Experiment trackers, all through Accelerate's tracker API (``train.tracker``).
 
 Scalars go through ``accelerator.log`` (kl_ae.monitor.log_metrics); sample grids through
-:func:`log_images`; the names and their validation live in :mod:`kl_ae.config`. Nothing else in
+:func:`log_images`; the names and their validation are here too. Nothing else in
 the package knows which tracker is on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from kl_ae.config import Config, config_to_dict
+from kl_ae.parsing import ConfigError
+
 
 # Trackers whose Accelerate ``log_images`` takes ``{key: (N, 3, H, W) float batch in [0, 1]}``.
 # Aim and ClearML take one (H, W, 3) array instead; MLflow, DVCLive, Comet ML and Trackio log no
@@ -31,11 +33,11 @@ def init_kwargs(run_dir: Path) -> dict:
     }
 
 
-def flat_config(cfg: Config) -> dict:
-    """The resolved config as ``{"section.key": scalar}`` (lists as strings), the hyperparameters
-    every tracker accepts."""
+def flat_config(cfg) -> dict:
+    """The resolved config (a kl_ae.config.Config) as ``{"section.key": scalar}`` (lists as
+    strings), the hyperparameters every tracker accepts."""
     flat = {}
-    for section, values in config_to_dict(cfg).items():
+    for section, values in dataclasses.asdict(cfg).items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
@@ -48,3 +50,27 @@ def log_images(accelerator: Accelerator, images: dict[str, torch.Tensor], step: 
     for tracker in accelerator.trackers:
         if tracker.name in IMAGE_TRACKERS:
             tracker.log_images(batches, step=step)
+
+
+def tracker_names(spec: str) -> list[str]:
+    """``train.tracker`` -> tracker names: 'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'none' -> []."""
+    return [] if spec.strip() == "none" else [name.strip() for name in spec.split(",")]
+
+
+def check_trackers(spec: str) -> None:
+    """Raise ConfigError unless every name in ``spec`` is a tracker Accelerate knows and its package
+    is installed (Accelerate itself would drop a missing one silently)."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    for name in tracker_names(spec):
+        if name not in known:
+            raise ConfigError(f"train.tracker={spec!r}: unknown tracker {name!r}; use 'none' or one or more "
+                              f"comma-separated of {known}")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)  # None: a registered custom tracker
+        if available is not None and not available():
+            raise ConfigError(f"train.tracker={spec!r}: the {name} package is not installed; pip install {name}")
+
+
+# ModelConfig field -> diffusers config.json key that must agree when fine-tuning a VAE

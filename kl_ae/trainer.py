@@ -26,14 +26,15 @@ from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
-from kl_ae.config import Config, check_init_from, save_config, tracker_names
-from kl_ae.data import (
-    build_train_dataloader, final_phase_data, is_shard_source, resume_dataloader, shuffle_channels,
-)
+from kl_ae.config import Config, save_config
+from kl_ae.model import check_init_from
+from kl_ae.tracking import tracker_names
+from kl_ae.data.loaders import build_train_dataloader, final_phase_data, resume_dataloader, shuffle_channels
+from kl_ae.data.sources import is_shard_source
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
-from kl_ae.grids import pair_grid, save_grid
-from kl_ae.images import DataError
+from kl_ae.eval.grids import pair_grid, save_grid
+from kl_ae.data.images import DataError
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.perceptual import build_lpips
@@ -226,16 +227,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)
     try:
-        _train(cfg, accelerator, run_dir, resume, loader, (perceptual, perceptual_name))
+        _train(cfg, accelerator, run_dir, resume, loader, perceptual, perceptual_name)
     finally:
         _remove_run_log(handler)
     return run_dir
 
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, loader,
-           lpips: tuple) -> None:
+           perceptual, perceptual_name: str) -> None:
     t = cfg.train
-    perceptual, perceptual_name = lpips
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
     vae = ae.vae
@@ -394,7 +394,7 @@ def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | N
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process evaluates a plain copy
         vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
-        from kl_ae.evaluate import evaluate
+        from kl_ae.eval.evaluate import evaluate
 
         with _ema_weights(vae, ema):
             report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
@@ -414,7 +414,8 @@ def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) ->
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
         if cfg.data.val:
-            from kl_ae.evaluate import evaluate, format_report
+            from kl_ae.eval.evaluate import evaluate
+            from kl_ae.eval.report import format_report
 
             report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution,
                               lpips_trunk=cfg.loss.lpips_trunk, baselines=True)

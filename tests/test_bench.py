@@ -1,4 +1,4 @@
-"""Tests for ``kl-ae bench`` (kl_ae.bench) and kl_ae.grids.difference_grid."""
+"""Tests for ``kl-ae bench`` (kl_ae.rd.benchmark) and kl_ae.eval.grids.difference_grid."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from kl_ae import bench
+from kl_ae.rd import benchmark as bench
 from kl_ae.cli import main
-from kl_ae.grids import difference_grid
+from kl_ae.eval.grids import difference_grid
 
 RES = 32
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

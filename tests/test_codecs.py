@@ -1,4 +1,4 @@
-"""Tests for kl_ae.codecs: the bpp formula, encode/decode, and the per-image quality search."""
+"""Tests for kl_ae.rd.codecs: the bpp formula, encode/decode, and the per-image quality search."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kl_ae import codecs as cx
+from kl_ae.rd import codecs as cx
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_bad_arguments_raise(photo):
 
 def test_unknown_codec_is_skipped_with_reason(caplog):
     assert "unknown codec" in cx.codec_status("nope")
-    with caplog.at_level(logging.WARNING, logger="kl_ae.codecs"):
+    with caplog.at_level(logging.WARNING, logger="kl_ae.rd.codecs"):
         assert cx.available_codecs(["jpeg", "nope", "webp"]) == ["jpeg", "webp"]
     assert "skipping codec nope" in caplog.text
 

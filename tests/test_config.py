@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kl_ae.config import Config, ConfigError, load_config, save_config
+from kl_ae.config import Config, load_config, save_config
+
+from kl_ae.parsing import ConfigError
 from kl_ae.model import build_autoencoder, count_parameters
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

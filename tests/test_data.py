@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kl_ae import data as D
-from kl_ae.shards import pack_shards  # before torchvision: kl_ae fixes its import here
+from kl_ae.data import images, sources
+from kl_ae.data import loaders as D
+from kl_ae.data.shards import pack_shards  # before torchvision: kl_ae fixes its import here
 from kl_ae.config import DataConfig
 
 GOOD = {  # relative path -> (width, height) after decoding
@@ -80,14 +81,14 @@ def shards(folder, tmp_path_factory) -> dict:
 
 
 def _decoded(folder: Path) -> dict[str, Image.Image]:
-    return dict(D.iter_images(str(folder)))
+    return dict(sources.iter_images(str(folder)))
 
 
 def test_train_transform_shape_range_and_upscale():
-    x, upscaled = D.train_transform(_photo(100, 80, 0), 64)
+    x, upscaled = images.train_transform(_photo(100, 80, 0), 64)
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and not upscaled
     assert -1.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5 and x.min() < -0.5
-    x, upscaled = D.train_transform(_photo(40, 60, 0), 64, random_flip=False)
+    x, upscaled = images.train_transform(_photo(40, 60, 0), 64, random_flip=False)
     assert x.shape == (3, 64, 64) and upscaled
 
 
@@ -95,10 +96,10 @@ def test_train_transform_flip_follows_torch_generator():
     img = _photo(32, 32, 0)
     flips = set()
     for seed in range(8):
-        x, _ = D.train_transform(img, 32, True, torch.Generator().manual_seed(seed))
-        y, _ = D.train_transform(img, 32, True, torch.Generator().manual_seed(seed))
+        x, _ = images.train_transform(img, 32, True, torch.Generator().manual_seed(seed))
+        y, _ = images.train_transform(img, 32, True, torch.Generator().manual_seed(seed))
         assert torch.equal(x, y)
-        flips.add(torch.equal(x, D.to_tensor(img).flip(-1)))
+        flips.add(torch.equal(x, images.to_tensor(img).flip(-1)))
     assert flips == {True, False}
 
 
@@ -108,9 +109,9 @@ def test_eval_transform_matches_torchvision_protocol():
     protocol = v2.Compose([v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                            v2.CenterCrop(32)])
     for img in (_photo(100, 80, 1), _photo(45, 90, 2), _photo(20, 27, 3)):
-        x = D.eval_transform(img, 32)
+        x = images.eval_transform(img, 32)
         assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
-        assert torch.equal(x, D.to_tensor(protocol(img)))
+        assert torch.equal(x, images.to_tensor(protocol(img)))
 
 
 def test_modes_become_sensible_rgb(folder):
@@ -125,10 +126,10 @@ def test_modes_become_sensible_rgb(folder):
     grey16 = np.asarray(imgs["grey16.png"])
     assert np.abs(grey16.astype(int) - 128).max() <= 1  # 16-bit mid-grey stays mid-grey
     ramp = Image.fromarray(np.array([[0, 65535]], np.uint16))
-    assert np.asarray(D.to_rgb(ramp))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
-    as_int32 = D.to_rgb(Image.fromarray(np.array([[0, 32768, 65535]], np.int32)))  # mode "I"
+    assert np.asarray(images.to_rgb(ramp))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+    as_int32 = images.to_rgb(Image.fromarray(np.array([[0, 32768, 65535]], np.int32)))  # mode "I"
     assert np.asarray(as_int32)[0, :, 0].tolist() == [0, 128, 255]
-    as_float = D.to_rgb(Image.fromarray(np.array([[0.0, 0.5]], np.float32)))
+    as_float = images.to_rgb(Image.fromarray(np.array([[0.0, 0.5]], np.float32)))
     assert np.asarray(as_float)[0, :, 0].tolist() == [0, 128]
 
 
@@ -140,14 +141,14 @@ def test_exif_orientation_is_applied(folder):
 
 
 def test_bad_files_are_skipped_with_reasons(folder):
-    counter = D.SkipCounter()
-    names = [name for name, _ in D.iter_images(str(folder), counter)]
+    counter = images.SkipCounter()
+    names = [name for name, _ in sources.iter_images(str(folder), counter)]
     assert names == sorted(names) and set(names) == set(GOOD)
     assert counter.as_dict() == {"empty_file": 1, "not_an_image": 1, "truncated": 1}
     assert counter.total == 3
     assert counter.summary() == "skipped 3 images: empty_file=1, not_an_image=1, truncated=1"
     for name, reason in BAD.items():
-        assert D.decode(folder / name) == (None, reason)
+        assert images.decode(folder / name) == (None, reason)
 
 
 def test_decompression_bomb_is_skipped(monkeypatch):
@@ -155,19 +156,19 @@ def test_decompression_bomb_is_skipped(monkeypatch):
     for w, h in ((40, 60), (40, 30)):  # above 2x the limit (error) and between 1x and 2x (warning)
         buf = io.BytesIO()
         _photo(w, h, 0).save(buf, format="PNG")
-        assert D.decode(buf.getvalue()) == (None, "decompression_bomb")
+        assert images.decode(buf.getvalue()) == (None, "decompression_bomb")
 
 
 def test_list_image_files_is_recursive_sorted_and_case_insensitive(folder):
-    files = D.list_image_files(folder)
+    files = sources.list_image_files(folder)
     rel = [f.relative_to(folder).as_posix() for f in files]
     assert rel == sorted(rel) and set(rel) == set(GOOD) | set(BAD)
-    assert D.list_image_files(folder / "grey.png") == [folder / "grey.png"]
+    assert sources.list_image_files(folder / "grey.png") == [folder / "grey.png"]
 
 
 def test_builtin_sets_exist_and_are_disjoint():
-    train, val = D.list_image_files("builtin:train"), D.list_image_files("builtin:val")
-    assert train == D.list_image_files("builtin:samples")
+    train, val = sources.list_image_files("builtin:train"), sources.list_image_files("builtin:val")
+    assert train == sources.list_image_files("builtin:samples")
     assert len(train) >= 5 and len(val) >= 2 and not {f.name for f in train} & {f.name for f in val}
     for f in train + val:
         with Image.open(f) as im:
@@ -177,31 +178,31 @@ def test_builtin_sets_exist_and_are_disjoint():
 def test_default_config_trains_on_builtin_samples():
     ds = D.build_train_dataset(DataConfig())  # data.train = builtin:samples, 256 px
     sample = ds[0]
-    assert len(ds) == len(D.BUILTIN_SETS["train"]) and sample["name"] == D.BUILTIN_SETS["train"][0]
+    assert len(ds) == len(sources.BUILTIN_SETS["train"]) and sample["name"] == sources.BUILTIN_SETS["train"][0]
     assert sample["pixel_values"].shape == (3, 256, 256) and not sample["upscaled"]
 
 
 def test_errors_are_helpful(folder, tmp_path):
-    with pytest.raises(D.DataError, match="unknown built-in data set 'builtin:nope'"):
-        D.list_image_files("builtin:nope")
-    with pytest.raises(D.DataError, match="data.train: .*no such file or folder; expected an image "
+    with pytest.raises(images.DataError, match="unknown built-in data set 'builtin:nope'"):
+        sources.list_image_files("builtin:nope")
+    with pytest.raises(images.DataError, match="data.train: .*no such file or folder; expected an image "
                                           "folder, a shard pattern like .* or builtin:train"):
         D.build_train_dataset(DataConfig(train=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty/readme.txt").write_text("x")
-    with pytest.raises(D.DataError, match="folder has no images"):
-        D.list_image_files(tmp_path / "empty")
-    with pytest.raises(D.DataError, match="matches no files"):
-        D.expand_shards(str(tmp_path / "shard-{000000..000003}.tar"))
-    with pytest.raises(D.DataError, match="shard source"):
-        D.list_image_files(str(tmp_path / "x.tar"))
+    with pytest.raises(images.DataError, match="folder has no images"):
+        sources.list_image_files(tmp_path / "empty")
+    with pytest.raises(images.DataError, match="matches no files"):
+        sources.expand_shards(str(tmp_path / "shard-{000000..000003}.tar"))
+    with pytest.raises(images.DataError, match="shard source"):
+        sources.list_image_files(str(tmp_path / "x.tar"))
 
 
 def test_is_shard_source(folder):
-    assert D.is_shard_source("data/train-{000000..000009}.tar")
-    assert D.is_shard_source("one.tar") and D.is_shard_source("https://host/s-{0..3}.tar")
-    assert D.is_shard_source("pipe:curl -s http://host/s.tar")
-    assert not D.is_shard_source("builtin:train") and not D.is_shard_source(str(folder))
+    assert sources.is_shard_source("data/train-{000000..000009}.tar")
+    assert sources.is_shard_source("one.tar") and sources.is_shard_source("https://host/s-{0..3}.tar")
+    assert sources.is_shard_source("pipe:curl -s http://host/s.tar")
+    assert not sources.is_shard_source("builtin:train") and not sources.is_shard_source(str(folder))
 
 
 def test_collate_drops_skipped_samples():
@@ -217,18 +218,18 @@ def test_collate_drops_skipped_samples():
 def test_pack_shards_round_trip(folder, shards):
     assert shards["num_samples"] == len(GOOD) and shards["num_shards"] >= 3
     assert shards["skipped"] == {"empty_file": 1, "not_an_image": 1, "truncated": 1}
-    urls = D.expand_shards(shards["pattern"])
+    urls = sources.expand_shards(shards["pattern"])
     assert len(urls) == shards["num_shards"] and all(Path(u).is_file() for u in urls)
     with tarfile.open(urls[0]) as tar:  # original bytes under the normalised extension
-        assert all(m.name.rsplit(".", 1)[1] in D.IMAGE_EXTENSIONS for m in tar.getmembers())
-    from_folder = {D.sample_key(name): img for name, img in D.iter_images(str(folder))}
-    counter = D.SkipCounter()
-    from_shards = list(D.iter_images(shards["pattern"], counter))
+        assert all(m.name.rsplit(".", 1)[1] in sources.IMAGE_EXTENSIONS for m in tar.getmembers())
+    from_folder = {sources.sample_key(name): img for name, img in sources.iter_images(str(folder))}
+    counter = images.SkipCounter()
+    from_shards = list(sources.iter_images(shards["pattern"], counter))
     assert [k for k, _ in from_shards] == list(from_folder)  # same order: packed in sorted order
     assert counter.total == 0 and len(from_shards) == len(from_folder)
     for key, img in from_shards:
         assert np.array_equal(np.asarray(img), np.asarray(from_folder[key]))
-    with pytest.raises(D.DataError, match="already contains"):
+    with pytest.raises(images.DataError, match="already contains"):
         pack_shards(folder, Path(urls[0]).parent)
 
 
@@ -236,7 +237,7 @@ def test_shard_train_dataset_yields_every_sample_once(shards):
     cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=0, shuffle_buffer=5)
     ds = D.build_train_dataset(cfg, seed=0)
     names = [s["name"] for s in ds]
-    assert sorted(names) == sorted(D.sample_key(n) for n in GOOD)
+    assert sorted(names) == sorted(sources.sample_key(n) for n in GOOD)
     again = [s["name"] for s in ds]  # second epoch: reshuffled, still complete
     assert sorted(again) == sorted(names)
 
@@ -245,20 +246,20 @@ def test_shard_dataset_two_workers_no_duplicates(shards):
     cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=2, shuffle_buffer=3)
     loader = torch.utils.data.DataLoader(D.build_train_dataset(cfg), batch_size=None, num_workers=2)
     names = [s["name"] for s in loader]
-    assert sorted(names) == sorted(D.sample_key(n) for n in GOOD)
+    assert sorted(names) == sorted(sources.sample_key(n) for n in GOOD)
 
 
 def test_fewer_shards_than_processes_is_an_error(shards, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(shards["num_shards"] + 1))
-    with pytest.raises(D.DataError, match=f"at least {shards['num_shards'] + 1} are needed"):
+    with pytest.raises(images.DataError, match=f"at least {shards['num_shards'] + 1} are needed"):
         D.build_train_dataset(DataConfig(train=shards["pattern"]))
 
 
 def test_corrupted_shards_do_not_stop_iteration(folder, tmp_path):
     packed = pack_shards(folder, tmp_path / "s", max_count=4)
-    urls = D.expand_shards(packed["pattern"])
-    first = set(k for k, _ in D.iter_images(urls[0]))
+    urls = sources.expand_shards(packed["pattern"])
+    first = set(k for k, _ in sources.iter_images(urls[0]))
     data = Path(urls[0]).read_bytes()
     Path(urls[0]).write_bytes(data[: len(data) // 2])  # a truncated tar stream
     with tarfile.open(tmp_path / "s/shard-extra.tar", "w") as tar:  # member-less, non-image
@@ -266,9 +267,9 @@ def test_corrupted_shards_do_not_stop_iteration(folder, tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    counter = D.SkipCounter()
-    keys = [k for k, _ in D.iter_images(str(tmp_path / "s/shard-*.tar"), counter)]
-    rest = {D.sample_key(n) for n in GOOD} - first
+    counter = images.SkipCounter()
+    keys = [k for k, _ in sources.iter_images(str(tmp_path / "s/shard-*.tar"), counter)]
+    rest = {sources.sample_key(n) for n in GOOD} - first
     assert rest <= set(keys) and len(keys) == len(set(keys))
     assert counter.as_dict() == {"no_image_member": 1, "not_an_image": 1}
 
@@ -310,11 +311,11 @@ def test_shards_split_across_two_ranks_exactly_once(shards, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         seen.append([s["name"] for s in D.build_train_dataset(cfg, seed=3)])
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(D.sample_key(n) for n in GOOD)
+    assert sorted(seen[0] + seen[1]) == sorted(sources.sample_key(n) for n in GOOD)
 
 
 def test_short_side_range_downscales_before_cropping():
-    from kl_ae.data import train_transform
+    from kl_ae.data.images import train_transform
 
     # A 400x200 image: a horizontal ramp. Resized so the short side is 32, a 32-px crop spans
     # a large part of the ramp; cropped at native size it spans a small part.
@@ -330,7 +331,8 @@ def test_short_side_range_downscales_before_cropping():
 
 
 def test_short_side_range_is_validated():
-    from kl_ae.config import ConfigError, load_config
+    from kl_ae.config import load_config
+    from kl_ae.parsing import ConfigError
 
     with pytest.raises(ConfigError, match="short_side_range"):
         load_config(None, ["data.short_side_range=[128]"])
@@ -339,7 +341,7 @@ def test_short_side_range_is_validated():
 
 
 def test_jpeg_draft_decodes_smaller_but_not_below_target(tmp_path):
-    from kl_ae.images import decode as _decode
+    from kl_ae.data.images import decode as _decode
 
     path = tmp_path / "big.jpg"
     Image.fromarray(np.full((400, 600, 3), 120, np.uint8)).save(path)

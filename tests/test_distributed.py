@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kl_ae.shards import pack_shards
+from kl_ae.data.shards import pack_shards
 import helpers
 
 

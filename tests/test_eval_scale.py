@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kl_ae.cli import main
-from kl_ae.tiling import full_size_report, tiled
+from kl_ae.eval.tiling import full_size_report, tiled
 import helpers
 
 

@@ -1,4 +1,4 @@
-"""Tests for kl_ae.evaluate: metric definitions, baselines, the report and its JSON form."""
+"""Tests for kl_ae.eval.evaluate: metric definitions, baselines, the report and its JSON form."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from kl_ae import evaluate as ev
-from kl_ae import metrics
+from kl_ae.eval import evaluate as ev
+from kl_ae.eval import metrics
+from kl_ae.eval.report import format_report
+from kl_ae.model import downsampling_factor
 import helpers
 
 RES = 32
@@ -99,7 +101,7 @@ def test_bicubic_keeps_a_constant_image_and_the_shape():
 
 
 def test_downsampling_factor(tiny_vae):
-    assert ev.downsampling_factor(tiny_vae) == 2
+    assert downsampling_factor(tiny_vae) == 2
 
 
 # --- the identity reconstructor and JSON form of infinite PSNR -----------------------------
@@ -153,7 +155,7 @@ def test_evaluate_with_random_trunk_and_baselines(tiny_vae, image_dir):
         assert set(b) == {"psnr", "ssim", "lpips_random_trunk"}
     # bicubic at f=2 keeps far more of the image than a flat colour
     assert report["baselines"]["bicubic"]["psnr"] > report["baselines"]["mean_colour"]["psnr"]
-    text = ev.format_report(report)
+    text = format_report(report)
     for word in ("PSNR", "SSIM", "random trunk", "mean_colour", "bicubic", "img/s", "protocol"):
         assert word in text
 
@@ -169,7 +171,7 @@ def test_evaluate_skips_lpips_without_trunk_weights(tiny_vae, image_dir, tmp_pat
     assert "baselines" not in report
     # a single batch: nothing to exclude as warm-up, and the report says so
     assert not report["throughput"]["warmup_batch_excluded"]
-    text = ev.format_report(report)
+    text = format_report(report)
     assert "PSNR" in text and "SSIM" in text and "LPIPS skipped" in text
 
 

@@ -8,8 +8,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from kl_ae.config import ModelConfig
-from kl_ae.export import compute_latent_factors, load_autoencoder, save_export
-from kl_ae.images import eval_transform
+from kl_ae.export import compute_latent_factors, save_export
+from kl_ae.model import load_autoencoder
+from kl_ae.data.images import eval_transform
 from kl_ae.model import build_autoencoder
 import helpers
 

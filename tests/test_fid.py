@@ -1,4 +1,4 @@
-"""Tests for kl_ae.fid: the offline skip path, the hash check, the Fréchet distance through an
+"""Tests for kl_ae.eval.fid: the offline skip path, the hash check, the Fréchet distance through an
 injected feature network against hand values, and the local-weights path of the real network
 (random weights in the Inception layout; no network access)."""
 
@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kl_ae.fid import (
+from kl_ae.eval.fid import (
     FID_WEIGHTS_FILENAME,
     FID_WEIGHTS_SHA256,
     TORCH_FIDELITY_WEIGHTS_FILENAME,

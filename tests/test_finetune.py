@@ -6,7 +6,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from kl_ae.config import ConfigError, load_config
+from kl_ae.config import load_config
+
+from kl_ae.parsing import ConfigError
 from kl_ae.trainer import train
 import helpers
 

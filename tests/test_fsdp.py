@@ -17,9 +17,10 @@ from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL
 
 import helpers
-from kl_ae.config import Config, ConfigError
+from kl_ae.config import Config
+from kl_ae.parsing import ConfigError
 from kl_ae.distributed import check_distributed
-from kl_ae.export import autoencoder_from_checkpoint
+from kl_ae.model import autoencoder_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

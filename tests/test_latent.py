@@ -1,4 +1,4 @@
-"""Tests for kl_ae.latent: KL/rate against hand values, collapse, aggregate moments, merging,
+"""Tests for kl_ae.eval.latent: KL/rate against hand values, collapse, aggregate moments, merging,
 and decoder robustness on a tiny AutoencoderKL."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from kl_ae.metrics import psnr_8bit
-from kl_ae.latent import LatentStats, RobustnessStats, decoder_robustness, kl_to_standard_normal
+from kl_ae.eval.metrics import psnr_8bit
+from kl_ae.eval.latent import LatentStats, RobustnessStats, decoder_robustness, kl_to_standard_normal
 import helpers
 
 LN4 = math.log(4.0)

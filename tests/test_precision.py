@@ -7,7 +7,8 @@ import torch
 from accelerate.state import AcceleratorState
 
 import helpers
-from kl_ae.config import ConfigError, load_config
+from kl_ae.config import load_config
+from kl_ae.parsing import ConfigError
 from kl_ae.precision import native_bf16, resolve_mixed_precision
 from kl_ae.trainer import train
 

@@ -112,7 +112,8 @@ def test_preset_factors_are_the_published_ones(preset):
 
 
 def test_yaml_and_set_values_apply_on_top_of_a_preset(tmp_path):
-    from kl_ae.config import ConfigError, save_config
+    from kl_ae.config import save_config
+    from kl_ae.parsing import ConfigError
 
     cfg = load_config(None, ["model.latent_channels=32", "model.preset=flux"])  # order does not matter
     assert (cfg.model.latent_channels, cfg.model.use_quant_conv, cfg.model.use_shift_factor) == (32, False, True)
@@ -130,12 +131,14 @@ def test_shipped_yaml_states_only_what_differs_from_the_defaults(path):
 
     import yaml
 
-    from kl_ae.config import Config, _apply, preset_values
+    from kl_ae.config import Config, preset_values
+
+    from kl_ae.parsing import apply
 
     raw = yaml.safe_load(path.read_text())
     beneath = Config()
     if raw.get("model", {}).get("preset"):
-        _apply(beneath.model, preset_values(raw["model"]["preset"]), "model.")
+        apply(beneath.model, preset_values(raw["model"]["preset"]), "model.")
     restated = [f"{section}.{key}: {value!r}" for section, values in raw.items() for key, value in values.items()
                 if key != "preset" and getattr(getattr(beneath, section), key) == value]
     assert not restated, f"{path.name} restates defaults: {restated}"

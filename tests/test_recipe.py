@@ -7,7 +7,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from kl_ae.config import ConfigError, load_config
+from kl_ae.config import load_config
+
+from kl_ae.parsing import ConfigError
 from kl_ae.losses import disc_factor_at, reconstruction_loss
 from kl_ae.schedule import LRFactor, build_scheduler, configure, set_progress
 
@@ -174,7 +176,7 @@ def test_posterior_logvar_init_sets_every_posterior_log_variance(quant_conv):
 
 
 def test_channel_shuffle_permutes_each_image_by_its_own_order():
-    from kl_ae.data import shuffle_channels
+    from kl_ae.data.loaders import shuffle_channels
 
     torch.manual_seed(0)
     x = torch.arange(3, dtype=torch.float32).view(1, 3, 1, 1).expand(600, 3, 4, 4).contiguous()
@@ -187,7 +189,7 @@ def test_channel_shuffle_permutes_each_image_by_its_own_order():
 def test_decode_cache_gives_the_same_crops_and_decodes_each_file_once(tmp_path, monkeypatch):
     from helpers import write_noise_photos
 
-    from kl_ae import data
+    from kl_ae.data import loaders as data
 
     photos = sorted(write_noise_photos(tmp_path / "p", 3, size=(48, 64)).glob("*.png"))
     calls = []
@@ -204,7 +206,7 @@ def test_decode_cache_gives_the_same_crops_and_decodes_each_file_once(tmp_path, 
 
 
 def test_final_phase_keeps_the_pixels_per_batch_unless_told():
-    from kl_ae.data import final_phase_data
+    from kl_ae.data.loaders import final_phase_data
 
     cfg = load_config(None, ["data.resolution=64", "data.short_side_range=[128,256]", "data.final_resolution=256",
                              "data.final_fraction=0.2", "data.final_short_side_range=[256,384]"]).data

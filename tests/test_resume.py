@@ -4,7 +4,7 @@ import pytest
 from safetensors.torch import load_file
 
 from kl_ae.config import load_config
-from kl_ae.shards import pack_shards
+from kl_ae.data.shards import pack_shards
 from kl_ae.trainer import train
 import helpers
 

@@ -9,7 +9,11 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL
 
-from kl_ae.config import ConfigError, check_init_from, load_config
+from kl_ae.config import load_config
+
+from kl_ae.parsing import ConfigError
+
+from kl_ae.model import check_init_from
 from kl_ae.model import load_or_build_autoencoder
 from kl_ae.trainer import train
 import helpers

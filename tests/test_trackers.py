@@ -10,7 +10,9 @@ import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
 from helpers import write_noise_photos
-from kl_ae.config import ConfigError, load_config, tracker_names
+from kl_ae.config import load_config
+from kl_ae.parsing import ConfigError
+from kl_ae.tracking import tracker_names
 from kl_ae.trainer import train
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from kl_ae.cli import main
 from kl_ae.config import load_config
-from kl_ae.export import autoencoder_from_checkpoint
+from kl_ae.model import autoencoder_from_checkpoint
 from kl_ae.trainer import scaled_learning_rate, train
 
 

@@ -3,7 +3,7 @@
 Decoding is Pillow only (torchvision.io cannot decode with the CPU torch build we support).
 Undecodable files never raise: :func:`decode` returns a reason, which callers count in a
 :class:`SkipCounter`. Reasons: empty_file, not_an_image, truncated, decompression_bomb,
-unreadable, decode_error (and no_image_member for shard samples, see kl_ae.data).
+unreadable, decode_error (and no_image_member for shard samples, see kl_ae.data.loaders).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ network. Without the file rFID is skipped (:class:`FIDWeightsError`), never comp
 weights.
 
 Protocol (:data:`RFID_PROTOCOL`): x and x̂ clamped to [-1, 1] and rounded to uint8 (k/255, as
-``kl_ae.metrics.to_8bit``); resized to 299 x 299 with TF1-compatible bilinear interpolation
+``kl_ae.eval.metrics.to_8bit``); resized to 299 x 299 with TF1-compatible bilinear interpolation
 (torch-fidelity's resize, that of the original TF implementation; torchmetrics >= 1.8 would
 default to antialiased torch resizing, which changes the numbers); 2048-d features.
 
@@ -97,7 +97,7 @@ def check_fid_weights(path: str | Path | None = None, expected_sha256: str = FID
 
 def to_uint8(x: Tensor) -> Tensor:
     """(B, 3, H, W) float in [-1, 1] (clamped) -> uint8 in [0, 255], round((x + 1) * 127.5):
-    the same levels as ``kl_ae.metrics.to_8bit`` times 255."""
+    the same levels as ``kl_ae.eval.metrics.to_8bit`` times 255."""
     return torch.round((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)
 
 

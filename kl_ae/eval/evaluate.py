@@ -2,7 +2,7 @@
 
 Protocol (also written into every report, so a number never travels without it):
 
-- Each image goes through ``kl_ae.images.eval_transform``: short side resized to R (bicubic,
+- Each image goes through ``kl_ae.data.images.eval_transform``: short side resized to R (bicubic,
   antialias), centre crop R x R, values in [-1, 1].
 - Reconstruction x̂ = decode(posterior MODE): deterministic, no sampling; fp32, eval mode.
 - x and x̂ are clamped to [-1, 1], mapped to [0, 1] and rounded to k/255 (what saving an 8-bit
@@ -40,11 +40,12 @@ from torch import nn
 from tqdm import tqdm
 
 from kl_ae.distributed import process_state
-from kl_ae.images import SkipCounter, eval_transform
-from kl_ae.metrics import SSIM_KERNEL_SIZE, image_metrics
+from kl_ae.data.images import SkipCounter, eval_transform
+from kl_ae.eval.metrics import SSIM_KERNEL_SIZE, image_metrics
+from kl_ae.model import downsampling_factor
 from kl_ae.perceptual import LPIPSWeightsError, build_lpips
-from kl_ae.report import format_report  # noqa: F401 (re-exported)
-from kl_ae.sources import iter_indexed_images
+from kl_ae.eval.report import format_report
+from kl_ae.data.sources import iter_indexed_images
 
 Reconstructor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,11 +79,6 @@ def bicubic(x: torch.Tensor, factor: int) -> torch.Tensor:
         align_corners=False,
     )
     return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def downsampling_factor(vae: AutoencoderKL) -> int:
-    """Spatial factor f of a diffusers AutoencoderKL: one 2x downsample per block but the last."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def model_summary(vae: AutoencoderKL) -> dict:
@@ -292,11 +288,11 @@ def evaluate(
     distributed: split the images across the processes of an ``accelerate launch`` (each rank
     evaluates every world_size-th image, results gathered on every rank). Every process must
     call it; throughput is then rank 0's own, per process. max_images counts the first items of
-    the source, decodable or not. latent: add the latent report (kl_ae.latent) under "latent".
+    the source, decodable or not. latent: add the latent report (kl_ae.eval.latent) under "latent".
     rfid_weights: Inception weights for rFID (None: the default location; "none": skip); without
     them the report says "rfid_skipped" and gives no number. lpips_net: "vgg" or "alex".
 
-    images: a spec for ``kl_ae.sources.iter_images`` (folder, webdataset shards or 'builtin:val').
+    images: a spec for ``kl_ae.data.sources.iter_images`` (folder, webdataset shards or 'builtin:val').
     The model is moved to ``device`` (default: CUDA if available, else CPU) in float32 and put
     in eval mode, in place. lpips_trunk: passed to ``build_lpips`` ("auto", "random", ...);
     None skips LPIPS. Returns a JSON-serialisable report (see the module docstring and
@@ -322,7 +318,7 @@ def evaluate(
 
     probe = None
     if latent:
-        from kl_ae.eval_latent import LatentProbe
+        from kl_ae.eval.probe import LatentProbe
 
         probe = LatentProbe(vae.config.latent_channels, device, seed=shard[0], rfid_weights=rfid_weights)
     model = AutoencoderReconstructor(vae, device, probe)
@@ -369,7 +365,7 @@ def evaluate(
     return report
 
 
-# --- entry point (presentation: kl_ae/report.py) ---------------------------------------------
+# --- entry point (presentation: kl_ae/eval/report.py) ---------------------------------------------
 
 
 def run(model: str, images: str, out: str | None = None, *, full_size: bool = False,
@@ -379,8 +375,8 @@ def run(model: str, images: str, out: str | None = None, *, full_size: bool = Fa
     ``accelerate launch``), print the table, write the JSON report to ``out`` (parent dirs
     created) if given, and return the report. full_size: also reconstruct at native resolution,
     tiled above ``tile_above`` px, with the measured PSNR cost of tiling (main process only;
-    see :mod:`kl_ae.tiling`), under the report's "full_size" key."""
-    from kl_ae.export import load_autoencoder
+    see :mod:`kl_ae.eval.tiling`), under the report's "full_size" key."""
+    from kl_ae.model import load_autoencoder
 
     vae = load_autoencoder(model)
     report = evaluate(vae, images, distributed=True, **kwargs)
@@ -389,7 +385,7 @@ def run(model: str, images: str, out: str | None = None, *, full_size: bool = Fa
         return report
     text = format_report(report)
     if full_size:
-        from kl_ae.tiling import format_full_size, full_size_report
+        from kl_ae.eval.tiling import format_full_size, full_size_report
 
         report["full_size"] = full_size_report(vae, images, tile_size=tile_size, tile_above=tile_above,
                                                max_images=kwargs.get("max_images"))

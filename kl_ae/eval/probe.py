@@ -1,8 +1,8 @@
 """What ``kl-ae eval`` measures beyond pixels: the latent report and rFID, fed from the eval loop.
 
 :class:`LatentProbe` is called with every batch's images, posterior and reconstruction by the
-evaluation loop (:mod:`kl_ae.evaluate`); at the end it merges its statistics over processes and
-returns the report sections. The formulas are in :mod:`kl_ae.latent` and :mod:`kl_ae.fid`.
+evaluation loop (:mod:`kl_ae.eval.evaluate`); at the end it merges its statistics over processes and
+returns the report sections. The formulas are in :mod:`kl_ae.eval.latent` and :mod:`kl_ae.eval.fid`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from kl_ae.fid import RFID, FIDWeightsError
-from kl_ae.latent import LatentStats, RobustnessStats
+from kl_ae.eval.fid import RFID, FIDWeightsError
+from kl_ae.eval.latent import LatentStats, RobustnessStats
 
 ROBUSTNESS_IMAGES = 32  # decoder robustness costs 5 decodes per image: measure it on the first ones
 

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from kl_ae.metrics import psnr_8bit
+from kl_ae.eval.metrics import psnr_8bit
 
 DEFAULT_ACTIVE_THRESHOLD_NATS = 0.01  # mean KL per element below this: the channel is collapsed
 DEFAULT_SIGMAS = (0.1, 0.25, 0.5, 1.0)  # decoder-robustness noise levels, in latent std units
@@ -241,7 +241,7 @@ class RobustnessStats:
     spread and comparable across autoencoders with different latent scales (a latent with
     std 5 shrugs off absolute noise 0.1 that would swamp one with std 0.2).
 
-    PSNR as in ``kl_ae.metrics.psnr_8bit`` (8-bit rounded images, data range 1), averaged over
+    PSNR as in ``kl_ae.eval.metrics.psnr_8bit`` (8-bit rounded images, data range 1), averaged over
     images; sigma = 0 is the plain reconstruction (the reference). Also reported: PSNR of each
     noised decode against the sigma = 0 reconstruction, which isolates the decoder's
     sensitivity from its reconstruction error.

@@ -4,7 +4,7 @@ Rate is measured on the whole file Pillow writes, headers and all: bits per pixe
 8 · file bytes / (H · W). That is what storing the image costs, and it is an honest disadvantage
 for the codecs on tiny images: a baseline JPEG carries ~600 bytes of headers and tables, which is
 4.7 bpp on a 32 x 32 image before any pixel is coded. Autoencoder latent rates, by contrast, are
-raw element counts (see kl_ae.bench), with no header at all.
+raw element counts (see kl_ae.rd.benchmark), with no header at all.
 
 Each codec is driven by one integer ``quality`` over its own range (higher = more bytes in
 practice; no codec guarantees it, so :func:`match_bpp` does not rely on it strictly):
@@ -20,7 +20,7 @@ A codec is usable when ``PIL.features`` reports its library and a 16 x 16 image 
 encode/decode round trip here; others are skipped with the reason (:func:`codec_status`).
 
 :func:`bench_codecs` scores whole batches of eval crops at matched rates and over quality sweeps
-through :func:`kl_ae.metrics.image_metrics`, the metric code the autoencoders go through.
+through :func:`kl_ae.eval.metrics.image_metrics`, the metric code the autoencoders go through.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 from PIL import Image, features
 from tqdm import tqdm
 
-from kl_ae.evaluate import EVAL_DTYPE, summarise
-from kl_ae.metrics import image_metrics, to_8bit
+from kl_ae.eval.evaluate import EVAL_DTYPE, summarise
+from kl_ae.eval.metrics import image_metrics, to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def bench_codecs(codecs: list[str], targets: dict[float, list[str]], batches: It
 
     targets: {bpp: [methods it comes from]}. batches: (names, (B, 3, R, R) in [-1, 1]) as the
     autoencoders saw them. Returns (rows, curves): one row per (codec, target) with mean bpp,
-    target_bpp, quality_mean, images_over_target, metrics (:func:`kl_ae.evaluate.summarise`),
+    target_bpp, quality_mean, images_over_target, metrics (:func:`kl_ae.eval.evaluate.summarise`),
     encode_img_s, decode_img_s, num_images, matched_to; curves {codec: [{quality, bpp, psnr,
     ssim}]} of means over images at each sweep quality.
     """

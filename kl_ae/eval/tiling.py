@@ -18,10 +18,10 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from kl_ae.evaluate import downsampling_factor
-from kl_ae.images import to_tensor
-from kl_ae.metrics import psnr_8bit, ssim_8bit
-from kl_ae.sources import iter_images
+from kl_ae.model import downsampling_factor, reconstruct
+from kl_ae.data.images import to_tensor
+from kl_ae.eval.metrics import psnr_8bit, ssim_8bit
+from kl_ae.data.sources import iter_images
 
 
 @contextmanager
@@ -37,10 +37,6 @@ def tiled(vae: AutoencoderKL, tile_size: int):
         vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
-def _reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-    return vae.decode(vae.encode(x).latent_dist.mode()).sample
-
-
 def _crop_to_multiple(img, f: int):
     w, h = img.size
     return img.crop((0, 0, w - w % f, h - h % f))
@@ -52,7 +48,7 @@ def full_size_report(vae: AutoencoderKL, images: str, *, tile_size: int = 256, t
                      progress: bool = True) -> dict:
     """Reconstruct every image at native size; compare tiled with untiled where both run.
 
-    images: a source for ``kl_ae.sources.iter_images``. tile_size: tile side in pixels (multiple of
+    images: a source for ``kl_ae.data.sources.iter_images``. tile_size: tile side in pixels (multiple of
     the downsampling factor f). tile_above: images with a side above this (pixels) are only
     reconstructed tiled; the others both ways. Returns ``{"protocol", "tile_size", "tile_above",
     "per_image": [{name, height, width, psnr_untiled?, psnr_tiled, ssim_untiled?, ssim_tiled,
@@ -75,11 +71,11 @@ def full_size_report(vae: AutoencoderKL, images: str, *, tile_size: int = 256, t
         x = to_tensor(img).unsqueeze(0).to(device)
         row = {"name": name, "height": x.shape[-2], "width": x.shape[-1]}
         with tiled(vae, tile_size):
-            x_tiled = _reconstruct(vae, x)
+            x_tiled = reconstruct(vae, x)
         row["psnr_tiled"] = float(psnr_8bit(x, x_tiled)[0])
         row["ssim_tiled"] = float(ssim_8bit(x, x_tiled)[0])
         if max(x.shape[-2:]) <= tile_above:
-            x_plain = _reconstruct(vae, x)
+            x_plain = reconstruct(vae, x)
             row["psnr_untiled"] = float(psnr_8bit(x, x_plain)[0])
             row["ssim_untiled"] = float(ssim_8bit(x, x_plain)[0])
             row["psnr_tiling_cost_db"] = row["psnr_untiled"] - row["psnr_tiled"]

@@ -32,8 +32,9 @@ def reconstruction_grid(vae, images: str, path: str | Path, *, resolution: int =
     reconstructions decode(posterior mode), written to ``path``; with ``amplify`` a third
     column shows |x - x̂| times amplify (:func:`difference_grid`). To show chosen images, point
     ``images`` at a folder holding them."""
-    from kl_ae.sources import iter_images
-    from kl_ae.images import eval_transform
+    from kl_ae.data.sources import iter_images
+    from kl_ae.data.images import eval_transform
+    from kl_ae.model import reconstruct
 
     crops = []
     for _, img in iter_images(images):
@@ -44,7 +45,7 @@ def reconstruction_grid(vae, images: str, path: str | Path, *, resolution: int =
         raise ValueError(f"no usable image in {images!r} for the grid")
     device = next(vae.parameters()).device
     x = torch.stack(crops).to(device, torch.float32)
-    x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    x_hat = reconstruct(vae, x)
     if amplify:
         return save_grid(difference_grid(x, x_hat, amplify=amplify, max_rows=max_images), path)
     return save_grid(pair_grid(x, x_hat, max_rows=max_images), path)

@@ -1,6 +1,6 @@
 """Per-image reconstruction metrics on 8-bit-rounded images: PSNR, SSIM and (optionally) LPIPS.
 
-The protocol these implement is written out in :mod:`kl_ae.evaluate`; training's periodic
+The protocol these implement is written out in :mod:`kl_ae.eval.evaluate`; training's periodic
 evaluation, ``kl-ae eval``, ``kl-ae bench`` (autoencoders and codecs alike), tiling checks and the
 latent report all score through these functions, so their numbers are comparable.
 """

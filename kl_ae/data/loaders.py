@@ -1,7 +1,6 @@
 """Training data loaders over image folders, webdataset shards and the built-in sample set.
 
-Sources (folders, shards, builtin sets) are resolved and iterated in :mod:`kl_ae.sources`
-(re-exported here).
+Sources (folders, shards, builtin sets) are resolved and iterated in :mod:`kl_ae.data.sources`.
 
 Who splits the data under distributed training:
 - folder/builtin: map-style :class:`ImageFolderDataset`; pass its DataLoader through
@@ -10,7 +9,7 @@ Who splits the data under distributed training:
   pass its DataLoader through ``accelerator.prepare`` (splitting twice silently
   dropped a rank's shards in our 2-process test) and move its batches to the device yourself.
 
-Decoding and the train/eval transforms are in :mod:`kl_ae.images` (re-exported here). Shard
+Decoding and the train/eval transforms are in :mod:`kl_ae.data.images`. Shard
 samples without an image member are skipped with the reason no_image_member.
 """
 
@@ -30,12 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_ae.config import DataConfig
-from kl_ae.images import DataError, SkipCounter, decode, train_transform  # noqa: F401 (re-exported)
-from kl_ae.images import eval_transform, resize_short_side, to_rgb, to_tensor  # noqa: F401 (re-exported)
-from kl_ae.sources import (  # noqa: F401 (re-exported)
-    BUILTIN_SETS, IMAGE_EXTENSIONS, _resolve_files, decode_shard_sample, expand_shards, is_shard_source,
-    iter_images, iter_indexed_images, list_image_files, sample_key, warn_and_continue,
-)
+from kl_ae.data.images import DataError, SkipCounter, decode, train_transform
+from kl_ae.data.sources import _resolve_files, decode_shard_sample, expand_shards, is_shard_source, warn_and_continue
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``kl-ae bench``: autoencoders against classical codecs at matched bits per pixel (bpp).
 
-Images, crops and metrics follow ``kl_ae.evaluate`` exactly (R x R centre crops, PSNR/SSIM/LPIPS
-on 8-bit images through :func:`kl_ae.metrics.image_metrics`, per-image values averaged), so a
+Images, crops and metrics follow ``kl_ae.eval.evaluate`` exactly (R x R centre crops, PSNR/SSIM/LPIPS
+on 8-bit images through :func:`kl_ae.eval.metrics.image_metrics`, per-image values averaged), so a
 bench row and a ``kl-ae eval`` number agree. What is added here is the rate of each method:
 
 - Autoencoder: decode(posterior mode) of an R x R image whose latent has c · (R/f)² elements.
@@ -12,13 +12,13 @@ bench row and a ``kl-ae eval`` number agree. What is added here is the rate of e
   uniform levels, each element rounded to the nearest level. The 8-bit side information
   (2 bf16 numbers per channel per image, 32·c/R² bpp) is listed in ``side_info_bpp``, not added.
   These are raw element counts without entropy coding: an upper bound on what the latent needs.
-- Codec (kl_ae.codecs): the whole file, headers included, in bits per pixel; for each target
+- Codec (kl_ae.rd.codecs): the whole file, headers included, in bits per pixel; for each target
   rate (the autoencoders' bf16 and 8-bit rates) every image gets the quality whose rate is the
-  largest not above the target (:func:`kl_ae.codecs.match_bpp`), or the closest when even the
+  largest not above the target (:func:`kl_ae.rd.codecs.match_bpp`), or the closest when even the
   lowest quality is above it (counted in ``images_over_target``). The curves of ``rd.png`` sweep
   fixed qualities and average bpp and PSNR over images at each quality.
 - Speed: encode / decode images per second of the fp32 autoencoder pass
-  (:class:`kl_ae.evaluate.AutoencoderReconstructor`: first batch excluded as warm-up); for
+  (:class:`kl_ae.eval.evaluate.AutoencoderReconstructor`: first batch excluded as warm-up); for
   codecs, single-threaded Pillow encode / decode at the matched quality, per image.
 - Peak memory (MiB) of one encode + decode of the first batch, after one warm-up call: on
   CUDA ``torch.cuda.max_memory_allocated`` (weights + activations, torch allocator only); on
@@ -44,14 +44,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kl_ae import codecs as cx
-from kl_ae.sources import iter_images
-from kl_ae.evaluate import (
-    EVAL_DTYPE, AutoencoderReconstructor, _load_lpips, _protocol, downsampling_factor, model_summary,
+from kl_ae.rd import codecs as cx
+from kl_ae.data.sources import iter_images
+from kl_ae.eval.evaluate import (
+    EVAL_DTYPE, AutoencoderReconstructor, _load_lpips, _protocol, model_summary,
     score_reconstructors, summarise,
 )
-from kl_ae.images import SkipCounter, eval_transform
-from kl_ae.metrics import SSIM_KERNEL_SIZE
+from kl_ae.data.images import SkipCounter, eval_transform
+from kl_ae.eval.metrics import SSIM_KERNEL_SIZE
+from kl_ae.model import downsampling_factor, reconstruct as decode_mode
 
 LATENT_BITS = {"fp32": 32, "bf16": 16, "8bit": 8}  # bits stored per latent element
 TARGET_STORAGES = ("bf16", "8bit")  # the autoencoder rates the codecs are matched to and plotted
@@ -151,7 +152,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> tuple[floa
 def image_batches(images: str, resolution: int, batch_size: int, max_images: int | None,
                   counter: SkipCounter) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(names, (b, 3, R, R) float in [-1, 1]): the first ``max_images`` usable images of
-    ``images`` in kl_ae.data order, through the eval crop; undecodable ones counted in ``counter``."""
+    ``images`` in kl_ae.data.loaders order, through the eval crop; undecodable ones counted in ``counter``."""
     stream = itertools.islice(iter_images(images, counter), max_images)
     while chunk := list(itertools.islice(stream, batch_size)):
         crops = [eval_transform(img, resolution) for _, img in chunk]
@@ -164,7 +165,7 @@ def bench_autoencoder(vae, batches: Callable[[], Iterator], *, lpips, device: to
     """Memory, speed and the fp32 / bf16 / 8-bit latent metrics of one autoencoder.
 
     batches: () -> fresh iterator of (names, (B, 3, R, R) in [-1, 1]). grid: (PNG path, images
-    (n, 3, R, R) in [-1, 1]) for a :func:`kl_ae.grids.difference_grid`. Returns model_summary
+    (n, 3, R, R) in [-1, 1]) for a :func:`kl_ae.eval.grids.difference_grid`. Returns model_summary
     fields, ``latent_shape`` [c, R/f, R/f], ``peak_mem_mb``/``peak_mem_measure``, ``throughput``,
     ``metrics`` {storage: summarised metrics}, ``bpp`` {storage: bpp}, ``side_info_bpp`` and
     ``num_images``.
@@ -178,14 +179,14 @@ def bench_autoencoder(vae, batches: Callable[[], Iterator], *, lpips, device: to
     info["latent_shape"] = [c, x.shape[-2] // f, x.shape[-1] // f]
 
     def reconstruct(batch: torch.Tensor) -> torch.Tensor:
-        return vae.decode(vae.encode(batch).latent_dist.mode()).sample
+        return decode_mode(vae, batch)
 
     # Warm-up first: one-time library set-up (thread pools, kernel caches) otherwise lands in
     # whichever model is measured first.
     reconstruct(x)
     info["peak_mem_mb"], info["peak_mem_measure"] = peak_memory_mb(lambda: reconstruct(x), device)
     if grid is not None:
-        from kl_ae.grids import difference_grid, save_grid
+        from kl_ae.eval.grids import difference_grid, save_grid
 
         g = grid[1].to(device, EVAL_DTYPE)
         save_grid(difference_grid(g, reconstruct(g), max_rows=g.shape[0]), grid[0])
@@ -323,7 +324,7 @@ def run_bench(models: list[str], images: str, out: str | Path, *, resolution: in
     into ``out`` and returns the bench.json report. See the module docstring for the protocol.
     Raises ValueError on bad arguments, an unusable resolution or no usable image.
     """
-    from kl_ae.export import load_autoencoder
+    from kl_ae.model import load_autoencoder
 
     if not models or batch_size < 1 or (max_images is not None and max_images < 1):
         raise ValueError("need at least one model, batch_size >= 1 and max_images >= 1")

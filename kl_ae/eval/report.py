@@ -1,8 +1,8 @@
-"""Plain-text presentation of an evaluation report (see :func:`kl_ae.evaluate.evaluate`)."""
+"""Plain-text presentation of an evaluation report (see :func:`kl_ae.eval.evaluate.evaluate`)."""
 
 from __future__ import annotations
 
-from kl_ae.eval_latent import format_latent
+from kl_ae.eval.probe import format_latent
 
 
 def _cell(metrics: dict, key: str) -> str:

@@ -13,7 +13,7 @@ Sources (``data.train``, or the ``spec`` of :func:`iter_images`):
   stereo partner of motorcycle_left: a near-duplicate would leak training content into val.
 
 Every reader here yields images in a fixed order (never split by rank or worker); the training
-loaders in :mod:`kl_ae.data` build on these. Undecodable images are counted by reason, never fatal.
+loaders in :mod:`kl_ae.data.loaders` build on these. Undecodable images are counted by reason, never fatal.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from kl_ae.images import DataError, SkipCounter, decode
+from kl_ae.data.images import DataError, SkipCounter, decode
 
 logger = logging.getLogger(__name__)
 

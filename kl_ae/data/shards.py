@@ -8,8 +8,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from kl_ae.sources import _resolve_files, sample_key
-from kl_ae.images import DataError, SkipCounter, decode
+from kl_ae.data.sources import _resolve_files, sample_key
+from kl_ae.data.images import DataError, SkipCounter, decode
 
 logger = logging.getLogger(__name__)
 
