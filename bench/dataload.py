@@ -32,11 +32,11 @@ def main() -> None:
     a = p.parse_args()
     sys.path.insert(0, str(REPO))
     from kl_ae.config import DataConfig
-    from kl_ae.data.loaders import build_train_dataloader
+    from kl_ae.data.loaders import TrainLoader
 
     cfg = DataConfig(train=a.data, resolution=a.resolution, short_side_range=list(a.short_side or []),
                      num_workers=0, shuffle_buffer=8)
-    loader = build_train_dataloader(cfg, batch_size=1, seed=0)
+    loader = TrainLoader(cfg, batch_size=1, seed=0)
     seen, t0 = 0, None
     while seen < a.images + 4:
         for batch in loader:

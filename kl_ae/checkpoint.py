@@ -192,6 +192,14 @@ class LoopState:
             state.images_seen = state.step * images_per_step
         return state
 
+    def data_position(self) -> dict:
+        """The training data's position, as kl_ae.data.loaders.TrainBatches.load_state_dict takes it."""
+        return {"phase": self.phase, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def set_data_position(self, position: dict) -> None:
+        """Store TrainBatches.state_dict() (the data position after this step)."""
+        self.phase, self.epoch, self.batches_in_epoch = position["phase"], position["epoch"], position["batches_in_epoch"]
+
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "train_seconds": round(self.train_seconds, 3)}
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
 from kl_ae.checkpoint import LoopState
+from kl_ae.data.loaders import TrainBatches
 from kl_ae.data.images import SkipCounter
 from kl_ae.step import StepModels
 
@@ -29,8 +30,6 @@ class TrainingDiverged(RuntimeError):
 class RunCounters:
     """What this process counts during one run (not saved: logged and summarised at the end)."""
 
-    upscaled: int = 0  # crops taken from images upscaled to the crop size
-    skip_reasons: SkipCounter = field(default_factory=SkipCounter)  # unusable images, by reason
     nonfinite_ae: int = 0  # skipped autoencoder updates (non-finite gradient norm)
     nonfinite_disc: int = 0  # skipped discriminator updates
     consecutive: int = 0  # bad steps in a row (the run stops at train.max_nonfinite_steps)
@@ -62,8 +61,8 @@ def check_finite(scalars_ae: dict, scalars_d: dict, counters: RunCounters, step:
     return ae_ok
 
 
-def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCounters, images_per_s: float,
-                 models: StepModels, seconds: float) -> dict:
+def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCounters, batches: TrainBatches,
+                images_per_s: float, models: StepModels, seconds: float) -> dict:
     """The one logging path: mean over processes, then trackers, train.log and the progress bar."""
     keys = sorted(scalars)
     values = accelerator.reduce(torch.stack([scalars[k].float() for k in keys]), reduction="mean")
@@ -72,9 +71,9 @@ def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCount
         "perf/images_per_s": images_per_s,
         "perf/train_minutes": seconds / 60.0,
         "optim/lr": models.opt_ae.param_groups[0]["lr"],
-        "data/epoch": state.epoch,
-        "data/upscaled": counters.upscaled,
-        "data/skipped": counters.skip_reasons.total,
+        "data/epoch": batches.loader.epoch,
+        "data/upscaled": batches.upscaled,
+        "data/skipped": batches.skipped.total,
         "perf/rss_mb": rss_mb(),
         "optim/nonfinite_ae_steps": counters.nonfinite_ae,
         "optim/nonfinite_disc_steps": counters.nonfinite_disc,
@@ -86,15 +85,15 @@ def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCount
     return metrics
 
 
-def log_data_summary(accelerator: Accelerator, counters: RunCounters) -> None:
+def log_data_summary(accelerator: Accelerator, batches: TrainBatches) -> None:
     """Per-reason counts of unusable training images over all processes (logged on rank 0)."""
     from accelerate.utils import gather_object
 
     total = SkipCounter()
-    for part in gather_object([counters.skip_reasons.as_dict()]):
+    for part in gather_object([batches.skipped.as_dict()]):
         for reason, n in part.items():
             total.add(reason, n)
-    upscaled = sum(gather_object([counters.upscaled]))
+    upscaled = sum(gather_object([batches.upscaled]))
     if accelerator.is_main_process:
         logger.info("training data, counted over all epochs: %s; %d crops came from images upscaled "
                     "to the crop size",

@@ -29,12 +29,10 @@ from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
 from kl_ae.config import Config, save_config
 from kl_ae.model import check_init_from
 from kl_ae.tracking import tracker_names
-from kl_ae.data.loaders import build_train_dataloader, final_phase_data, resume_dataloader, shuffle_channels
-from kl_ae.data.sources import is_shard_source
+from kl_ae.data.loaders import TrainBatches, shuffle_channels
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.eval.grids import pair_grid, save_grid
-from kl_ae.data.images import DataError
 from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
 from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.perceptual import build_lpips
@@ -82,61 +80,6 @@ def _remove_run_log(handler: logging.Handler | None) -> None:
         for name in _RUN_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
-
-
-def _batches(loader, state: LoopState, counters: RunCounters):
-    """Yield pixel batches forever from epoch ``state.epoch`` on, keeping ``state.epoch`` /
-    ``state.batches_in_epoch`` (batches drawn, empty ones included) current: the position a
-    checkpoint records for an exact resume."""
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(state.epoch)
-        seen = state.batches_in_epoch  # resumed mid-epoch (maybe at its very end): batches before
-        for batch in loader:
-            state.batches_in_epoch += 1
-            counters.upscaled += int(batch["num_upscaled"])
-            for reason, n in batch["skip_reasons"].items():
-                counters.skip_reasons.add(reason, n)
-            if batch["pixel_values"].shape[0] == 0:
-                continue
-            seen += 1
-            yield batch["pixel_values"]
-        if seen == 0:
-            raise DataError(f"no usable training image in a whole epoch: {counters.skip_reasons.summary()}")
-        state.epoch += 1
-        state.batches_in_epoch = 0
-
-
-def _prepare_loader(accelerator: Accelerator, cfg: Config, loader):
-    """Folder/builtin loaders go through Accelerate (it splits their batches across ranks);
-    shard loaders do not: webdataset splits the shards by rank itself."""
-    return loader if is_shard_source(cfg.data.train) else accelerator.prepare(loader)
-
-
-def _final_phase_loader(cfg: Config):
-    """The (unprepared) DataLoader of the resolution schedule's final phase; its own seed, so
-    its crops do not repeat the first phase's."""
-    data, batch_size = final_phase_data(cfg.data, cfg.train.batch_size)
-    logger.info("resolution schedule, final phase: %d-px crops, batch %d per process, short side %s",
-                data.resolution, batch_size, data.short_side_range or "native")
-    return build_train_dataloader(data, batch_size, seed=cfg.train.seed + 1)
-
-
-def _phases(cfg: Config, accelerator: Accelerator, loader, state: LoopState, counters: RunCounters,
-            first_phase_over):
-    """Batches of the resolution schedule (data.final_resolution): from ``loader`` while
-    ``state.phase`` is 0 and ``first_phase_over()`` is false, then from a new loader of
-    final-phase crops, forever. ``loader`` is already the final phase's when resuming in it."""
-    if state.phase == 0:
-        for x in _batches(loader, state, counters):
-            if first_phase_over():  # this batch is dropped: the next step is a final-phase one
-                break
-            yield x
-        # The first phase's workers stay alive until the run ends (persistent workers, each with
-        # its decode cache): a DataLoader has no public way to stop them early.
-        loader = _prepare_loader(accelerator, cfg, _final_phase_loader(cfg))
-        state.phase, state.epoch, state.batches_in_epoch = 1, 0, 0
-    yield from _batches(loader, state, counters)
 
 
 def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
@@ -204,7 +147,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     # weights: fail before Accelerate, models or the run directory.
     if cfg.model.init_from:
         check_init_from(cfg.model)
-    loader = build_train_dataloader(cfg.data, t.batch_size, seed=t.seed)
+    batches = TrainBatches(cfg.data, t.batch_size, seed=t.seed)
     perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:
         perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
@@ -227,13 +170,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)
     try:
-        _train(cfg, accelerator, run_dir, resume, loader, perceptual, perceptual_name)
+        _train(cfg, accelerator, run_dir, resume, batches, perceptual, perceptual_name)
     finally:
         _remove_run_log(handler)
     return run_dir
 
 
-def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, loader,
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, batches: TrainBatches,
            perceptual, perceptual_name: str) -> None:
     t = cfg.train
     set_seed(t.seed)  # identical initial weights on every rank
@@ -241,10 +184,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
     vae = ae.vae
 
     ckpt = _checkpoint_to_resume(resume, run_dir)
-    if ckpt is not None and LoopState.read(ckpt).phase:  # resuming in the resolution schedule's final phase
-        loader = _final_phase_loader(cfg)
-    raw_loader = loader
-    loader = _prepare_loader(accelerator, cfg, loader)
+    batches.prepare(accelerator)
     # One model (with its optimizer) per call: FSDP2 shards one model per prepare.
     ae, opt_ae, sched_ae = accelerator.prepare(ae, opt_ae, sched_ae)
     disc, opt_disc, sched_disc = accelerator.prepare(disc, opt_disc, sched_disc)
@@ -264,17 +204,17 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | N
         o = cfg.optim
         for sched in (sched_ae, sched_disc):  # this run's schedule settings, the checkpoint's progress
             configure(sched, o.lr_schedule, o.lr_warmup_steps, t.max_steps, o.lr_final_ratio)
-        resume_dataloader(raw_loader, state.epoch, state.batches_in_epoch, accelerator.num_processes)
+        batches.load_state_dict(state.data_position())
         logger.info("resumed from %s at step %d (phase %d, epoch %d, batch %d)", ckpt, state.step, state.phase,
                     state.epoch, state.batches_in_epoch)
 
     if accelerator.is_main_process and tracker_names(t.tracker):
         accelerator.init_trackers("kl-ae", config=flat_config(cfg), init_kwargs=init_kwargs(run_dir))
-    _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state)
+    _loop(cfg, accelerator, models, ema, vae, batches, run_dir, state)
     accelerator.end_training()
 
 
-def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state: LoopState) -> None:
+def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, state: LoopState) -> None:
     t = cfg.train
     counters = RunCounters()
     clock = TrainingClock(state.train_seconds)
@@ -295,12 +235,13 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state: LoopState)
 
     def checkpoint(seconds: float) -> None:
         state.train_seconds = seconds
+        state.set_data_position(batches.state_dict())
         with clock.pause():
             save_checkpoint(accelerator, run_dir, state, ema, vae, t.keep_last)
 
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    batches = _phases(cfg, accelerator, loader, state, counters, first_phase_over)
-    for x in batches if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
+    stream = batches.batches(first_phase_over)
+    for x in stream if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
         step = state.step  # the step being taken (0-based); state.step counts the finished ones
         for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
             set_progress(sched, global_step=step + 1)
@@ -328,7 +269,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state: LoopState)
         out_of_time = bool(budget_s) and seconds >= budget_s
         if step % t.log_every == 0 or step == t.max_steps or out_of_time:
             elapsed = time.perf_counter() - t_log
-            metrics = log_metrics(accelerator, scalars, state, counters, images_since_log / elapsed, models,
+            metrics = log_metrics(accelerator, scalars, state, counters, batches, images_since_log / elapsed, models,
                                    seconds)
             live = {"loss": f"{metrics['loss/total']:.4g}", "l1": f"{metrics['loss/l1']:.4f}",
                     "img/s": f"{metrics['perf/images_per_s']:.1f}"}
@@ -353,7 +294,7 @@ def _loop(cfg, accelerator, models, ema, vae, loader, run_dir, state: LoopState)
             break
     bar.close()
     seconds = _synced_seconds(accelerator, clock)
-    log_data_summary(accelerator, counters)
+    log_data_summary(accelerator, batches)
     check_replicas(accelerator, models)
     if last_saved != state.step:
         checkpoint(seconds)

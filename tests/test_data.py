@@ -276,7 +276,7 @@ def test_corrupted_shards_do_not_stop_iteration(folder, tmp_path):
 
 def test_folder_dataloader_batches(folder):
     cfg = DataConfig(train=str(folder), resolution=32, num_workers=0)
-    loader = D.build_train_dataloader(cfg, batch_size=4, seed=0)
+    loader = D.TrainLoader(cfg, batch_size=4, seed=0)
     batches = list(loader)
     n = len(GOOD) + len(BAD)
     assert len(batches) == n // 4
@@ -291,13 +291,13 @@ def test_small_folder_fills_a_batch_and_counts_upscaling(tmp_path):
     for i in range(3):
         _photo(40, 60, i).save(tmp_path / f"{i}.png")
     cfg = DataConfig(train=str(tmp_path), resolution=64, num_workers=0)
-    (batch,) = list(D.build_train_dataloader(cfg, batch_size=8))
+    (batch,) = list(D.TrainLoader(cfg, batch_size=8))
     assert batch["pixel_values"].shape == (8, 3, 64, 64) and batch["num_upscaled"] == 8
 
 
 def test_shard_dataloader_is_endless(shards):
     cfg = DataConfig(train=shards["pattern"], resolution=32, num_workers=0, shuffle_buffer=4)
-    loader = D.build_train_dataloader(cfg, batch_size=4)
+    loader = D.TrainLoader(cfg, batch_size=4)
     batches = list(itertools.islice(loader, 6))  # 24 samples > one epoch of 11
     assert all(b["pixel_values"].shape == (4, 3, 32, 32) for b in batches)
     assert all(-1 <= b["pixel_values"].min() and b["pixel_values"].max() <= 1 for b in batches)

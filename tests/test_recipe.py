@@ -248,4 +248,4 @@ def test_resolution_schedule_trains_the_last_fraction_on_final_crops(tmp_path, m
     states = [json.loads((run_dir / f"checkpoints/step-{n:07d}/loop_state.json").read_text()) for n in (3, 6)]
     assert [s["phase"] for s in states] == [0, 1]
     assert [s["images_seen"] for s in states] == [6, 9]
-    assert "final phase: 32-px crops, batch 1 per process" in (run_dir / "train.log").read_text()
+    assert "phase 1: 32-px crops, batch 1 per process" in (run_dir / "train.log").read_text()

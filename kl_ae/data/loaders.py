@@ -21,7 +21,7 @@ import logging
 import random
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import webdataset as wds
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_ae.config import DataConfig
 from kl_ae.data.images import DataError, SkipCounter, decode, train_transform
-from kl_ae.data.sources import _resolve_files, decode_shard_sample, expand_shards, is_shard_source, warn_and_continue
+from kl_ae.data.sources import ImageSource, decode_shard_sample, image_source, warn_and_continue
 
 logger = logging.getLogger(__name__)
 
@@ -239,8 +239,9 @@ def _buffer_shuffle(src: Iterator, bufsize: int, seed: int | None = None) -> Ite
     yield from buf
 
 
-def _shard_train_dataset(cfg: DataConfig, seed: int, position: StreamPosition | None = None) -> wds.WebDataset:
-    urls = expand_shards(cfg.train)
+def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
+                         position: StreamPosition | None = None) -> wds.WebDataset:
+    urls = list(source.urls)
     _, world_size, _, _ = wds.utils.pytorch_worker_info()  # the rank info split_by_node uses
     if len(urls) < world_size:
         raise DataError(f"{cfg.train!r}: {len(urls)} shard(s) for {world_size} processes; "
@@ -263,9 +264,10 @@ def _shard_train_dataset(cfg: DataConfig, seed: int, position: StreamPosition | 
     return ds.map(decode, handler=warn_and_continue)
 
 
-def build_train_dataset(cfg: DataConfig, seed: int = 0,
-                        position: StreamPosition | None = None) -> Dataset | IterableDataset:
-    """Training set of ``cfg.train`` (samples as in :class:`ImageFolderDataset`).
+def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition | None = None,
+                        source: ImageSource | None = None) -> Dataset | IterableDataset:
+    """Training set of ``cfg.train`` (or of ``source``, its parsed form; samples as in
+    :class:`ImageFolderDataset`).
 
     Folder/builtin: map-style :class:`ImageFolderDataset`. Shards: a ``wds.WebDataset``
     IterableDataset of one epoch per iteration: shards split by rank and worker, their order
@@ -273,38 +275,149 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0,
     bytes (memory: buffer × mean file size × workers). Raises DataError for an unusable source
     or fewer shards than processes."""
     try:
-        if is_shard_source(cfg.train):
-            return _shard_train_dataset(cfg, seed, position)
-        root, files = _resolve_files(cfg.train)
+        source = source or image_source(cfg.train)
+        if source.shards:
+            return _shard_train_dataset(cfg, source, seed, position)
     except DataError as err:
         raise DataError(f"data.train: {err}") from None
-    logger.info("data.train=%s: %d images", cfg.train, len(files))
-    return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=root,
+    logger.info("data.train=%s: %d images", source.spec, len(source.files))
+    return ImageFolderDataset(source.files, cfg.resolution, cfg.random_flip, root=source.root,
                               short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb)
 
 
-def build_train_dataloader(cfg: DataConfig, batch_size: int, seed: int = 0) -> DataLoader:
-    """DataLoader of :func:`collate` batches (``pixel_values``: (B, 3, R, R), B <= batch_size).
+class TrainLoader:
+    """The training batches of one data source and resolution, and their position.
 
-    Folder/builtin: ends after each epoch; shuffled by a generator seeded with ``seed`` (same on
-    every rank), ``drop_last``, at least ``batch_size`` samples per epoch (a smaller set is drawn
-    repeatedly, fresh crops each time); pass it through ``accelerator.prepare``. Shards: endless
-    (each worker re-reads its shards, reshuffled), so ranks with unequal shards never run dry at
-    different times; iterate it by steps, NOT through ``accelerator.prepare``."""
-    position = StreamPosition(seed, batch_size) if is_shard_source(cfg.train) else None
-    dataset = build_train_dataset(cfg, seed, position)
-    kwargs = dict(batch_size=batch_size, num_workers=cfg.num_workers,
-                  collate_fn=partial(collate, resolution=cfg.resolution),
-                  persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
-    # The loader's own generator draws the workers' base seed, so it does not depend on (or
-    # consume) the global RNG that the training step's posterior sampling uses.
-    generator = torch.Generator().manual_seed(seed)
-    if isinstance(dataset, IterableDataset):
-        loader = DataLoader(dataset.repeat(), generator=generator, **kwargs)
-        loader.stream_position = position
-        return loader
-    sampler = EpochSampler(len(dataset), max(len(dataset), batch_size), seed)
-    return DataLoader(dataset, sampler=sampler, drop_last=True, generator=generator, **kwargs)
+    Iterating it is one pass: a folder's epoch (shuffled by ``seed`` and the epoch, the same on
+    every rank, ``drop_last``, at least ``batch_size`` samples: a smaller set is drawn repeatedly,
+    fresh crops each time), or endless for shards (each worker re-reads its shards, reshuffled, so
+    ranks with unequal shards never run dry at different times). Items are :func:`collate`
+    batches (``pixel_values``: (B, 3, R, R) in [-1, 1], B <= batch_size).
+    :meth:`state_dict` is the position, ``{"epoch", "batches_in_epoch"}`` (batches drawn by this
+    process, empty ones included); :meth:`load_state_dict` before the first pass continues there
+    (folders skip the consumed samples in the sampler, shards without decoding them). Raises
+    DataError at construction for an unusable source.
+    """
+
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0):
+        self.source = image_source(cfg.train) if cfg.train else None
+        if self.source is None:
+            raise DataError("data.train is empty; set it to an image folder, shards or builtin:train")
+        self.batch_size, self.resolution = batch_size, cfg.resolution
+        self.epoch = self.batches_in_epoch = 0
+        self._processes = 1
+        self._position = StreamPosition(seed, batch_size) if self.source.shards else None
+        dataset = build_train_dataset(cfg, seed, self._position, self.source)
+        kwargs = dict(batch_size=batch_size, num_workers=cfg.num_workers,
+                      collate_fn=partial(collate, resolution=cfg.resolution),
+                      persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
+        # The loader's own generator draws the workers' base seed, so it does not depend on (or
+        # consume) the global RNG that the training step's posterior sampling uses.
+        generator = torch.Generator().manual_seed(seed)
+        self._sampler = None
+        if isinstance(dataset, IterableDataset):
+            self._loader = DataLoader(dataset.repeat(), generator=generator, **kwargs)
+        else:
+            self._sampler = EpochSampler(len(dataset), max(len(dataset), batch_size), seed)
+            self._loader = DataLoader(dataset, sampler=self._sampler, drop_last=True, generator=generator, **kwargs)
+
+    def prepare(self, accelerator) -> "TrainLoader":
+        """Under Accelerate: a folder's loader goes through ``accelerator.prepare``, which splits
+        its batches across processes; a shard loader does not (webdataset splits the shards by
+        rank itself; splitting twice silently dropped a rank's shards). Returns self."""
+        if not self.source.shards:
+            self._loader = accelerator.prepare(self._loader)
+        self._processes = accelerator.num_processes
+        return self
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state`` (from :meth:`state_dict`); call after :meth:`prepare` and
+        before the first pass."""
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        if self._position is not None:
+            self._position.batches = self.batches_in_epoch
+        else:
+            self._sampler.resume_at(self.epoch, self.batches_in_epoch * self._processes * self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._sampler is not None:
+            self._sampler.set_epoch(self.epoch)
+        if hasattr(self._loader, "set_epoch"):  # Accelerate's prepared loader keeps its own count
+            self._loader.set_epoch(self.epoch)
+        for batch in self._loader:
+            self.batches_in_epoch += 1
+            yield batch
+        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+
+class TrainBatches:
+    """The pixel batches of a whole run: crops of data.resolution, then, once the caller's
+    ``first_phase_over()`` says so, the resolution schedule's final phase (data.final_resolution,
+    :func:`final_phase_data`) from a new :class:`TrainLoader` seeded ``seed + 1``.
+
+    :meth:`state_dict` (``{"phase", "epoch", "batches_in_epoch"}``) and :meth:`load_state_dict`
+    make a run resumable in either phase. ``upscaled`` and ``skipped`` count, over both phases,
+    crops from images upscaled to the crop size and unusable images by reason.
+    """
+
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0):
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.phase, self.upscaled, self.skipped = 0, 0, SkipCounter()
+        self.loader = TrainLoader(cfg, batch_size, seed)
+        self._accelerator = None
+
+    def _enter_phase(self, phase: int) -> None:
+        self.phase = phase
+        data, batch_size = final_phase_data(self.cfg, self.batch_size) if phase else (self.cfg, self.batch_size)
+        logger.info("resolution schedule, phase %d: %d-px crops, batch %d per process, short side %s", phase,
+                    data.resolution, batch_size, data.short_side_range or "native")
+        # The first phase's workers stay alive until the run ends (persistent workers, each with
+        # its decode cache): a DataLoader has no public way to stop them early.
+        self.loader = TrainLoader(data, batch_size, self.seed + phase)
+        if self._accelerator is not None:
+            self.loader.prepare(self._accelerator)
+
+    def prepare(self, accelerator) -> "TrainBatches":
+        self._accelerator = accelerator
+        self.loader.prepare(accelerator)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase, **self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("phase", 0) != self.phase:
+            self._enter_phase(state["phase"])
+        self.loader.load_state_dict(state)
+
+    def _pixels(self) -> Iterator[torch.Tensor]:
+        """(B, 3, R, R) batches of the current loader, pass after pass; empty batches (every
+        image unusable) are skipped. Raises DataError after a whole pass without a usable image."""
+        while True:
+            usable = self.loader.batches_in_epoch  # resumed mid-pass: the batches before it
+            for batch in self.loader:
+                self.upscaled += int(batch["num_upscaled"])
+                for reason, n in batch["skip_reasons"].items():
+                    self.skipped.add(reason, n)
+                if batch["pixel_values"].shape[0]:
+                    usable += 1
+                    yield batch["pixel_values"]
+            if usable == 0:
+                raise DataError(f"no usable training image in a whole epoch: {self.skipped.summary()}")
+
+    def batches(self, first_phase_over: Callable[[], bool]) -> Iterator[torch.Tensor]:
+        """Pixel batches forever; ``first_phase_over`` is asked before each batch of the first
+        phase (the batch drawn when it turns true is dropped: the next step is a final-phase one)."""
+        if self.phase == 0:
+            for x in self._pixels():
+                if first_phase_over():
+                    break
+                yield x
+            self._enter_phase(1)
+        yield from self._pixels()
 
 
 def final_phase_data(cfg: DataConfig, batch_size: int) -> tuple[DataConfig, int]:
@@ -316,14 +429,3 @@ def final_phase_data(cfg: DataConfig, batch_size: int) -> tuple[DataConfig, int]
     batch = cfg.final_batch_size or max(1, round(batch_size * (cfg.resolution / r) ** 2))
     short_side = list(cfg.final_short_side_range or cfg.short_side_range)
     return dataclasses.replace(cfg, resolution=r, short_side_range=short_side), batch
-
-
-def resume_dataloader(loader: DataLoader, epoch: int, batches: int, num_processes: int = 1) -> None:
-    """Make a loader from :func:`build_train_dataloader` continue where a checkpointed run was:
-    ``batches`` drawn by each process in epoch ``epoch``. Call before the first iteration (and,
-    for folders, before or after ``accelerator.prepare``). Shards skip the consumed samples
-    without decoding them; folders skip them in the sampler."""
-    if isinstance(loader.sampler, EpochSampler):
-        loader.sampler.resume_at(epoch, batches * num_processes * loader.batch_size)
-    elif getattr(loader, "stream_position", None) is not None:
-        loader.stream_position.batches = batches

@@ -8,7 +8,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from kl_ae.data.sources import _resolve_files, sample_key
+from kl_ae.data.sources import image_source, list_image_files, sample_key
 from kl_ae.data.images import DataError, SkipCounter, decode
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,8 @@ def pack_shards(src: str | Path, out_dir: str | Path, max_count: int = 1000,
     A shard closes at ``max_count`` samples or ``max_size`` bytes. Returns ``{"pattern":
     "<out_dir>/shard-{000000..00000N}.tar", "num_shards", "num_samples", "skipped": {reason:
     count}}``. Raises DataError if ``out_dir`` has shard-*.tar files or nothing decodes."""
-    root, files = _resolve_files(str(src))
+    source = image_source(src)
+    root, files = source.root, list_image_files(source)  # DataError for shards
     out = Path(out_dir)
     if out.is_dir() and any(out.glob("shard-*.tar")):
         raise DataError(f"{str(out)!r} already contains shard-*.tar files; use an empty folder")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from functools import partial
 from glob import glob
 from importlib.util import find_spec
@@ -138,10 +139,48 @@ def _resolve_files(spec: str) -> tuple[Path, list[Path]]:
     return path, sorted(files, key=lambda f: f.relative_to(path).as_posix())
 
 
-def list_image_files(spec_or_folder: str | Path) -> list[Path]:
+@dataclass(frozen=True)
+class ImageSource:
+    """A data spec parsed once (:func:`image_source`); nothing downstream reads the string again.
+
+    kind: 'folder' (searched recursively), 'file' (one image), 'builtin' (scikit-image's
+    photographs) or 'shards' (webdataset). root, files: the images of the first three, sorted by
+    relative path. urls: the shard paths or URLs of 'shards', in order (local ones checked)."""
+
+    spec: str
+    kind: str
+    root: Path | None = None
+    files: tuple[Path, ...] = ()
+    urls: tuple[str, ...] = ()
+
+    @property
+    def shards(self) -> bool:
+        """Shards are split by rank and worker by webdataset itself (never by Accelerate)."""
+        return self.kind == "shards"
+
+
+def image_source(spec: str | Path | ImageSource) -> ImageSource:
+    """Parse a data spec (see the module docstring) into an :class:`ImageSource`; an ImageSource
+    is returned as is. Raises DataError for a missing path, a folder without images, an unknown
+    builtin set or missing local shards, saying what was expected."""
+    if isinstance(spec, ImageSource):
+        return spec
+    spec = str(spec)
+    if is_shard_source(spec):
+        return ImageSource(spec, "shards", urls=tuple(expand_shards(spec)))
+    root, files = _resolve_files(spec)
+    kind = "builtin" if spec.startswith("builtin:") else "file" if Path(spec).expanduser().is_file() else "folder"
+    return ImageSource(spec, kind, root, tuple(files))
+
+
+def list_image_files(source: str | Path | ImageSource) -> list[Path]:
     """Sorted image files of a folder (recursive), one image file or ``builtin:<set>``. Raises
     DataError for a missing path, a folder without images, an unknown builtin set or shards."""
-    return _resolve_files(str(spec_or_folder))[1]
+    spec = source.spec if isinstance(source, ImageSource) else str(source)
+    if is_shard_source(spec):  # said before looking for the shards
+        raise DataError(f"{spec!r} is a webdataset shard source, not an image folder; "
+                        "use iter_images or expand_shards")
+    return list(image_source(source).files)
 
 
 def sample_key(relative_path: str) -> str:
@@ -150,7 +189,7 @@ def sample_key(relative_path: str) -> str:
     return relative_path.replace("%", "%25").replace(".", "%2E")
 
 
-def iter_images(spec: str, counter: SkipCounter | None = None) -> Iterator[tuple[str, Image.Image]]:
+def iter_images(spec: str | ImageSource, counter: SkipCounter | None = None) -> Iterator[tuple[str, Image.Image]]:
     """``(name, RGB PIL image)`` for every decodable image, in a fixed order: sorted relative
     paths (folder; file names for builtin sets) or shard order with ``__key__`` as name (never
     split by rank or worker: every caller sees every image). Undecodable images are logged and
@@ -159,7 +198,7 @@ def iter_images(spec: str, counter: SkipCounter | None = None) -> Iterator[tuple
         yield name, img
 
 
-def iter_indexed_images(spec: str, counter: SkipCounter | None = None, *, limit: int | None = None,
+def iter_indexed_images(spec: str | ImageSource, counter: SkipCounter | None = None, *, limit: int | None = None,
                         shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, str, Image.Image]]:
     """Like :func:`iter_images` with the position of each item in the fixed order, for
     multi-process evaluation: process ``shard = (index, count)`` decodes only items
@@ -167,13 +206,13 @@ def iter_indexed_images(spec: str, counter: SkipCounter | None = None, *, limit:
     together cover every item once. Undecodable items are counted by the rank that owns them."""
     counter = counter if counter is not None else SkipCounter()
     index, count = shard
-    if is_shard_source(spec):  # every sample once, in shard order, not split, not shuffled
-        shards = wds.WebDataset(expand_shards(spec), shardshuffle=False, nodesplitter=None,
+    source = image_source(spec)
+    if source.shards:  # every sample once, in shard order, not split, not shuffled
+        shards = wds.WebDataset(list(source.urls), shardshuffle=False, nodesplitter=None,
                                 workersplitter=None, empty_check=False, handler=warn_and_continue)
         items: Iterable = ((s.get("__key__", "?"), partial(decode_shard_sample, s)) for s in shards)
     else:
-        root, files = _resolve_files(spec)
-        items = ((f.relative_to(root).as_posix(), partial(decode, f)) for f in files)
+        items = ((f.relative_to(source.root).as_posix(), partial(decode, f)) for f in source.files)
     for i, (name, load) in enumerate(items):
         if limit is not None and i >= limit:
             break
