@@ -13,6 +13,8 @@ every step, so raw steps/s would not compare like with like. Medians over ``--re
 
 Trainers:
   kl-ae   ``kl-ae train CONFIG`` with the benchmark's settings (plus ``--variant`` changes)
+  kl-ae@base  the same command run with another checkout's kl_ae (``--baseline-repo DIR``): the
+          speed of a change against the code before it, in one interleaved run
   peer    the diffusers research-project trainer (examples/research_projects/autoencoderkl/
           train_autoencoderkl.py), a file you fetch yourself, run with the same architecture,
           resolution, batch, precision and loss terms; it needs ``pip install datasets
@@ -62,6 +64,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--data", help="image folder (default: the scikit-image photos, 32 files)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="an extra kl-ae run with --set overrides, e.g. fp32=train.mixed_precision=no")
+    p.add_argument("--baseline-repo", metavar="DIR",
+                   help="also run kl-ae from this checkout (e.g. `git worktree add DIR <commit>`) as "
+                        "kl-ae@base, interleaved with this one: does a change keep the speed?")
     p.add_argument("--only", help="comma-separated trainer names to run (default: all)")
     p.add_argument("--out", help="directory for result.json and table.md")
     p.add_argument("--quick", action="store_true", help="quickstart model, 128 px, batch 4, 2 repeats")
@@ -118,6 +123,8 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
         runs[name] = [sys.executable, "-m", "kl_ae.cli", "train", a.config, *sum((["--set", s] for s in sets), [])]
 
     kl_ae("kl-ae", [])
+    if a.baseline_repo:  # the same command; main() points its PYTHONPATH at that checkout's kl_ae
+        kl_ae("kl-ae@base", [])
     for spec in a.variant:
         name, _, sets = spec.partition("=")
         kl_ae(f"kl-ae[{name}]", split_overrides(sets))
@@ -219,7 +226,8 @@ def main() -> None:
     for r in range(a.repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
         for name in order:
-            rec = _run(name, runs[name], work, env, r, expected_ae=a.warmup + a.steps + 1)
+            run_env = {**env, "PYTHONPATH": str(Path(a.baseline_repo).resolve())} if name == "kl-ae@base" else env
+            rec = _run(name, runs[name], work, run_env, r, expected_ae=a.warmup + a.steps + 1)
             rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
             results[name].append(rec)
             print(f"repeat {r + 1}/{a.repeats} {name:>18}: {rec['images_per_s']:.3f} img/s "
