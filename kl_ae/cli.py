@@ -84,9 +84,9 @@ class _ConsoleHandler(logging.Handler):
 
 def _quiet(record: logging.LogRecord) -> bool:
     """The console of ``kl-ae train``: the progress bar and one line per checkpoint, evaluation
-    or warning. The per-step figures (logger ``kl_ae.steps``) and Accelerate's informational
-    lines (one per file a checkpoint writes) go to RUN/train.log only."""
-    if record.name.startswith("kl_ae.steps"):
+    or warning. The per-step figures (records marked ``file_only``, see kl_ae.monitor) and
+    Accelerate's informational lines (one per file a checkpoint writes) go to RUN/train.log only."""
+    if getattr(record, "file_only", False):
         return False
     return record.levelno >= logging.WARNING or not record.name.startswith("accelerate")
 

@@ -19,7 +19,8 @@ from kl_ae.data.images import SkipCounter
 from kl_ae.step import StepModels
 
 logger = logging.getLogger("kl_ae")
-step_logger = logging.getLogger("kl_ae.steps")  # every logged step's figures: train.log (the console with --verbose)
+# Log records with this attribute set go to train.log but not to the console (kl_ae.cli; --verbose shows them)
+FILE_ONLY = {"file_only": True}
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,7 +82,7 @@ def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCount
     if any(not math.isfinite(v) for v in metrics.values()):
         logger.warning("non-finite value at step %d: %s", state.step, metrics)
     accelerator.log(metrics, step=state.step)
-    step_logger.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    logger.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), extra=FILE_ONLY)
     return metrics
 
 
