@@ -246,6 +246,7 @@ class Config:
     def validate(self) -> None:
         """Check values that are well-typed but unusable. Raises ConfigError."""
         m, d, loss, t = self.model, self.data, self.loss, self.train
+        _check_ranges(self)
         if not m.block_out_channels or any(c <= 0 for c in m.block_out_channels):
             raise ConfigError("model.block_out_channels must be a non-empty list of positive ints")
         bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
@@ -275,10 +276,6 @@ class Config:
             raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
         if t.mixed_precision not in PRECISION_CHOICES:
             raise ConfigError(f"train.mixed_precision must be one of {PRECISION_CHOICES}, got {t.mixed_precision!r}")
-        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
-                    "image_every", "checkpoint_every", "max_nonfinite_steps"):
-            if getattr(t, key) <= 0:
-                raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
         o = self.optim
         if o.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"optim.lr_schedule must be one of {LR_SCHEDULES}, got {o.lr_schedule!r}")
@@ -303,6 +300,12 @@ class Config:
             raise ConfigError("train.keep_last and train.eval_every must be >= 0")
         if t.eval_every and not d.val:
             raise ConfigError("train.eval_every needs data.val (images to evaluate on)")
+        if d.val:
+            from kl_ae.eval.metrics import SSIM_KERNEL_SIZE
+
+            if d.val_resolution % f or d.val_resolution < SSIM_KERNEL_SIZE:
+                raise ConfigError(f"data.val_resolution={d.val_resolution} must be a multiple of the downsampling "
+                                  f"factor {f} and at least {SSIM_KERNEL_SIZE} (the SSIM window)")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if self.optim.implementation not in ADAM_IMPLEMENTATIONS:
@@ -312,6 +315,36 @@ class Config:
 
 
 ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+
+# Value ranges checked by key (Config.validate); the message names the key.
+_POSITIVE = {"model": ("latent_channels", "layers_per_block", "norm_num_groups"),
+             "loss": ("disc_num_layers", "disc_channels"), "data": ("val_resolution",),
+             "optim": ("base_learning_rate",),
+             "train": ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "image_every",
+                       "checkpoint_every", "max_nonfinite_steps", "scaling_images")}
+_NON_NEGATIVE = {"loss": ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start"),
+                 "data": ("num_workers", "shuffle_buffer"), "optim": ("max_grad_norm",)}
+_NOT_BLANK = (("data", "train"), ("train", "output_dir"))  # empty would mean the current directory
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Positive counts, non-negative weights, no blank paths: the ConfigError names the key."""
+    for section, keys in _POSITIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if value <= 0:
+                raise ConfigError(f"{section}.{key} must be positive, got {value}")
+    for section, keys in _NON_NEGATIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if value < 0:
+                raise ConfigError(f"{section}.{key} must be >= 0, got {value}")
+    for section, key in _NOT_BLANK:
+        if not str(getattr(getattr(cfg, section), key)).strip():
+            raise ConfigError(f"{section}.{key} is empty (an unset shell variable?); an empty path would mean "
+                              "the current directory, so name one")
+    if cfg.data.val and not cfg.data.val.strip():
+        raise ConfigError("data.val is blank; leave it empty for no evaluation or name the images")
 
 
 def _check_final_phase(d: DataConfig, factor: int) -> None:

@@ -79,3 +79,16 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert Config() == load_config(None)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.train=", "data.train"), ("data.train='  '", "data.train"), ("train.output_dir=", "train.output_dir"),
+    ("data.val=' '", "data.val"), ("model.latent_channels=0", "model.latent_channels"),
+    ("model.norm_num_groups=0", "model.norm_num_groups"), ("model.layers_per_block=0", "model.layers_per_block"),
+    ("loss.kl_weight=-1e-6", "loss.kl_weight"), ("loss.perceptual_weight=-1", "loss.perceptual_weight"),
+    ("optim.base_learning_rate=0", "optim.base_learning_rate"),
+    ("data.val=builtin:val|data.val_resolution=100", "data.val_resolution"),
+])
+def test_unusable_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, override.split("|"))

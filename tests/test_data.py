@@ -378,3 +378,15 @@ def test_epoch_sampler_resume_skips_exactly_the_consumed_samples():
     assert list(sampler) == full  # the skip applies to one pass only
     sampler.set_epoch(3)
     assert sorted(list(sampler)) == list(range(30, 40)) and list(sampler) != [k + 10 for k in full]
+
+
+def test_symlinks_are_followed_once_and_each_real_file_counts_once(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    _photo(40, 40, 0).save(root / "a.png")
+    _photo(40, 40, 1).save(root / "sub" / "b.png")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a loop back to the top
+    (root / "again").symlink_to(root / "sub", target_is_directory=True)  # a second name for sub/
+    (root / "a-link.png").symlink_to(root / "a.png")  # a second name for a.png
+    names = [f.relative_to(root).as_posix() for f in sources.list_image_files(root)]
+    assert names == ["a-link.png", "again/b.png"]  # first name of each real file, in sorted order

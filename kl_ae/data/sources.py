@@ -128,15 +128,26 @@ def _resolve_files(spec: str) -> tuple[Path, list[Path]]:
         if path.suffix[1:].lower() not in IMAGE_EXTENSIONS:
             raise DataError(f"{spec!r} is not an image file or folder; {_EXPECTED}")
         return path.parent, [path]
-    files = []
+    files, walked = [], set()
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        real = os.path.realpath(dirpath)
+        if real in walked:  # a symlink back into a folder already walked (a loop, or a second name)
+            dirnames[:] = []
+            continue
+        walked.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # a fixed walk order
         files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and "." in f
                   and f.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS]
-    if not files:
+    files.sort(key=lambda f: f.relative_to(path).as_posix())
+    unique, real_files = [], set()
+    for f in files:  # each real file once, under its first name in sorted order
+        if (real := os.path.realpath(f)) not in real_files:
+            real_files.add(real)
+            unique.append(f)
+    if not unique:
         raise DataError(f"{spec!r}: folder has no images (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
-    return path, sorted(files, key=lambda f: f.relative_to(path).as_posix())
+    return path, unique
 
 
 @dataclass(frozen=True)
