@@ -291,6 +291,9 @@ def reconstruction_grads(terms: dict[str, Term], reconstruction: torch.Tensor,
     for name, term in terms.items():
         if term.via_reconstruction:
             g = torch.autograd.grad(term.value, wrt, retain_graph=True, allow_unused=True)
+            if g[0] is None:
+                raise ValueError(f"loss term {name!r} is marked via_reconstruction but does not depend on "
+                                 "the reconstruction; mark it via_reconstruction=False")
             g_logvar = g[1] if len(g) > 1 and g[1] is not None else None
             grads[name] = (g[0].detach(), None if g_logvar is None else g_logvar.detach())
     return grads

@@ -27,19 +27,20 @@ from tqdm.auto import tqdm
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
 from kl_ae.config import Config, save_config
-from kl_ae.model import check_init_from
-from kl_ae.tracking import tracker_names
 from kl_ae.data.loaders import TrainBatches, shuffle_channels
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
-from kl_ae.export import latent_factors_for, save_export
 from kl_ae.eval.grids import pair_grid, save_grid
-from kl_ae.model import AutoencoderWrapper, build_discriminator, count_parameters, load_or_build_autoencoder
+from kl_ae.export import latent_factors_for, save_export
+from kl_ae.model import (
+    AutoencoderWrapper, build_discriminator, check_init_from, count_parameters, load_or_build_autoencoder,
+)
 from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
+from kl_ae.parsing import ConfigError
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
 from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
-from kl_ae.tracking import flat_config, init_kwargs, log_images
+from kl_ae.tracking import flat_config, init_kwargs, log_images, tracker_names
 
 logger = logging.getLogger("kl_ae")
 
@@ -87,6 +88,11 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
     grid = pair_grid(x, rec)
     save_grid(grid, run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
     log_images(accelerator, {"samples/input_reconstruction": grid}, step)
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` has a run's config.yaml or any checkpoint in it."""
+    return (run_dir / "config.yaml").is_file() or any((run_dir / "checkpoints").glob("step-*"))
 
 
 def _checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -147,6 +153,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     # weights: fail before Accelerate, models or the run directory.
     if cfg.model.init_from:
         check_init_from(cfg.model)
+    if resume is None and _holds_a_run(run_dir):
+        raise ConfigError(f"train.output_dir={str(run_dir)!r} already holds a run (config.yaml or checkpoints); "
+                          "continue it with --resume latest, or choose a new train.output_dir (training over it "
+                          "would mix two runs' checkpoints and logs)")
     batches = TrainBatches(cfg.data, t.batch_size, seed=t.seed)
     perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:

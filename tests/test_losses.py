@@ -287,3 +287,13 @@ def test_disc_factor_at_boundaries():
     assert disc_factor_at(50001, 50001) == 1.0
     assert disc_factor_at(10**6, 50001, factor=0.5) == 0.5
     assert disc_factor_at(0, 0) == 1.0
+
+
+def test_a_term_marked_via_reconstruction_must_depend_on_it():
+    from kl_ae.losses import Term, reconstruction_grads
+
+    reconstruction = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    other = torch.ones(1, requires_grad=True)
+    terms = {"wrong": Term((other * 2).sum(), via_reconstruction=True)}
+    with pytest.raises(ValueError, match="'wrong' is marked via_reconstruction"):
+        reconstruction_grads(terms, reconstruction, torch.zeros(()))

@@ -161,3 +161,13 @@ def test_console_shows_the_bar_and_checkpoints_and_train_log_every_step(photos, 
     assert ("optim/lr=" in console) == verbose
     assert ("accelerate.checkpointing" in console) == verbose
     assert "accelerate.checkpointing" in log  # Accelerate's save lines are kept in the file
+
+
+def test_training_over_an_existing_run_is_refused(trained_run):
+    """Without --resume, a second run into the same directory would mix two runs' checkpoints."""
+    from kl_ae.parsing import ConfigError
+
+    before = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="already holds a run.*--resume latest"):
+        train(load_config(trained_run / "config.yaml"))
+    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == before

@@ -299,10 +299,13 @@ class TrainLoader:
     DataError at construction for an unusable source.
     """
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0):
-        self.source = image_source(cfg.train) if cfg.train else None
-        if self.source is None:
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0, source: ImageSource | None = None):
+        if not cfg.train.strip() and source is None:
             raise DataError("data.train is empty; set it to an image folder, shards or builtin:train")
+        try:
+            self.source = source or image_source(cfg.train)  # source: cfg.train already parsed
+        except DataError as err:
+            raise DataError(f"data.train: {err}") from None
         self.batch_size, self.resolution = batch_size, cfg.resolution
         self.epoch = self.batches_in_epoch = 0
         self._processes = 1
@@ -370,13 +373,16 @@ class TrainBatches:
         self._accelerator = None
 
     def _enter_phase(self, phase: int) -> None:
+        if phase and not self.cfg.final_resolution:
+            raise DataError("this run is in the resolution schedule's final phase (a checkpoint of it), but "
+                            "data.final_resolution is 0 now; set it as the run had it")
         self.phase = phase
         data, batch_size = final_phase_data(self.cfg, self.batch_size) if phase else (self.cfg, self.batch_size)
         logger.info("resolution schedule, phase %d: %d-px crops, batch %d per process, short side %s", phase,
                     data.resolution, batch_size, data.short_side_range or "native")
         # The first phase's workers stay alive until the run ends (persistent workers, each with
         # its decode cache): a DataLoader has no public way to stop them early.
-        self.loader = TrainLoader(data, batch_size, self.seed + phase)
+        self.loader = TrainLoader(data, batch_size, self.seed + phase, source=self.loader.source)
         if self._accelerator is not None:
             self.loader.prepare(self._accelerator)
 

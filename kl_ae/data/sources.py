@@ -113,6 +113,39 @@ def _builtin_files(spec: str) -> tuple[Path, list[Path]]:
     return root, files
 
 
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (hidden names skipped), sorted by relative path. Symlinks are
+    followed, but no folder is walked twice (a loop, or a second name for a folder) and a file
+    reached under several names is kept once, under its first name. Only when a symlink was
+    passed are file paths resolved (one system call per file): a plain folder costs the walk alone.
+    os.walk cannot tell a symlinked file from a plain one without that call, hence os.scandir."""
+    walked, found, linked_any = {os.path.realpath(root)}, [], False
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+        subfolders = []
+        for entry in entries:  # in name order: the first name of a folder claims it
+            linked_any = linked_any or entry.is_symlink()
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if real not in walked:
+                    walked.add(real)
+                    subfolders.append(Path(entry.path))
+            elif "." in entry.name and entry.name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(entry.path))
+        stack.extend(reversed(subfolders))  # popped in name order
+    found.sort(key=lambda f: f.relative_to(root).as_posix())
+    if not linked_any:
+        return found
+    unique, real_files = [], set()
+    for f in found:
+        if (real := os.path.realpath(f)) not in real_files:
+            real_files.add(real)
+            unique.append(f)
+    return unique
+
+
 def _resolve_files(spec: str) -> tuple[Path, list[Path]]:
     """``(root, sorted image files)`` of a folder, a single image file or a builtin set."""
     spec = str(spec)
@@ -128,22 +161,7 @@ def _resolve_files(spec: str) -> tuple[Path, list[Path]]:
         if path.suffix[1:].lower() not in IMAGE_EXTENSIONS:
             raise DataError(f"{spec!r} is not an image file or folder; {_EXPECTED}")
         return path.parent, [path]
-    files, walked = [], set()
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in walked:  # a symlink back into a folder already walked (a loop, or a second name)
-            dirnames[:] = []
-            continue
-        walked.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # a fixed walk order
-        files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and "." in f
-                  and f.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS]
-    files.sort(key=lambda f: f.relative_to(path).as_posix())
-    unique, real_files = [], set()
-    for f in files:  # each real file once, under its first name in sorted order
-        if (real := os.path.realpath(f)) not in real_files:
-            real_files.add(real)
-            unique.append(f)
+    unique = _walk_images(path)
     if not unique:
         raise DataError(f"{spec!r}: folder has no images (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
