@@ -89,7 +89,7 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     reconstruction = reconstruction.float()
     terms, parts = losses.autoencoder_terms(x, reconstruction, posterior, ae.logvar, cfg, m.perceptual)
     disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor, cfg.disc_ramp_steps)
-    out = {}
+    out, surrogate = {}, None
     if disc_factor > 0:
         last_layer = ae.last_layer  # before any backward: under FSDP2 that swaps in the sharded parameter
         terms["g"] = losses.Term(losses.generator_loss(_generator_logits(accelerator, m, reconstruction)),
@@ -100,15 +100,15 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
                                                      cfg.disc_weight)
         terms["g"].weight = d_weight * disc_factor
         out.update({"disc/adaptive_weight": d_weight, "disc/factor": torch.tensor(disc_factor, device=x.device)})
-        backward_target = losses.surrogate(terms, reconstruction, ae.logvar, grads)
-    else:
-        backward_target = losses.total(terms)
-    norm = _update(accelerator, backward_target, m.autoencoder, m.opt_ae, m.sched_ae, max_grad_norm)
+        surrogate = losses.surrogate(terms, reconstruction, ae.logvar, grads)  # total's gradient, LPIPS and D once
+    loss = losses.total(terms)  # what is logged, and backpropagated when there is no surrogate
+    norm = _update(accelerator, loss if surrogate is None else surrogate, m.autoencoder, m.opt_ae, m.sched_ae,
+                   max_grad_norm)
     if norm is not None:
         out["optim/ae_grad_norm"] = norm
     with torch.no_grad():
         out.update({f"loss/{name}": term.value.detach() for name, term in terms.items()})
-        out["loss/total"] = losses.total(terms).detach()
+        out["loss/total"] = loss.detach()
         out.update({"loss/l1": parts["l1"], "loss/mse": parts["mse"], "loss/logvar": ae.logvar.detach()})
         if "perceptual" in parts:
             out[f"loss/{m.perceptual_name}"] = parts["perceptual"]

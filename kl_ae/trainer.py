@@ -32,7 +32,7 @@ from kl_ae.distributed import check_distributed, check_fsdp_units, process_state
 from kl_ae.eval.grids import pair_grid, save_grid
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.model import (
-    AutoencoderWrapper, build_discriminator, check_init_from, count_parameters, load_or_build_autoencoder,
+    RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, count_parameters, load_or_build_autoencoder,
 )
 from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.parsing import ConfigError
@@ -92,7 +92,7 @@ def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: to
 
 def _holds_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` has a run's config.yaml or any checkpoint in it."""
-    return (run_dir / "config.yaml").is_file() or any((run_dir / "checkpoints").glob("step-*"))
+    return (run_dir / RUN_CONFIG).is_file() or any((run_dir / "checkpoints").glob("step-*"))
 
 
 def _checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -175,7 +175,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     check_distributed(accelerator, cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / RUN_CONFIG)
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)

@@ -390,3 +390,11 @@ def test_symlinks_are_followed_once_and_each_real_file_counts_once(tmp_path):
     (root / "a-link.png").symlink_to(root / "a.png")  # a second name for a.png
     names = [f.relative_to(root).as_posix() for f in sources.list_image_files(root)]
     assert names == ["a-link.png", "again/b.png"]  # first name of each real file, in sorted order
+
+
+def test_an_empty_spec_is_refused_not_read_as_the_current_directory():
+    for spec in ("", "  "):
+        with pytest.raises(images.DataError, match="empty data spec"):
+            sources.image_source(spec)
+    with pytest.raises(images.DataError, match="data.train: empty data spec"):
+        D.TrainLoader(DataConfig(train=""), batch_size=2)

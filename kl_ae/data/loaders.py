@@ -264,6 +264,14 @@ def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
     return ds.map(decode, handler=warn_and_continue)
 
 
+def _train_source(cfg: DataConfig) -> ImageSource:
+    """``cfg.train`` parsed; its DataError says it is about data.train."""
+    try:
+        return image_source(cfg.train)
+    except DataError as err:
+        raise DataError(f"data.train: {err}") from None
+
+
 def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition | None = None,
                         source: ImageSource | None = None) -> Dataset | IterableDataset:
     """Training set of ``cfg.train`` (or of ``source``, its parsed form; samples as in
@@ -274,12 +282,12 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
     shuffled from ``seed`` + epoch, samples through a ``cfg.shuffle_buffer`` buffer of raw file
     bytes (memory: buffer × mean file size × workers). Raises DataError for an unusable source
     or fewer shards than processes."""
-    try:
-        source = source or image_source(cfg.train)
-        if source.shards:
+    source = source or _train_source(cfg)
+    if source.shards:
+        try:
             return _shard_train_dataset(cfg, source, seed, position)
-    except DataError as err:
-        raise DataError(f"data.train: {err}") from None
+        except DataError as err:
+            raise DataError(f"data.train: {err}") from None
     logger.info("data.train=%s: %d images", source.spec, len(source.files))
     return ImageFolderDataset(source.files, cfg.resolution, cfg.random_flip, root=source.root,
                               short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb)
@@ -300,13 +308,8 @@ class TrainLoader:
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0, source: ImageSource | None = None):
-        if not cfg.train.strip() and source is None:
-            raise DataError("data.train is empty; set it to an image folder, shards or builtin:train")
-        try:
-            self.source = source or image_source(cfg.train)  # source: cfg.train already parsed
-        except DataError as err:
-            raise DataError(f"data.train: {err}") from None
-        self.batch_size, self.resolution = batch_size, cfg.resolution
+        self.source = source or _train_source(cfg)  # source: cfg.train already parsed
+        self.batch_size = batch_size
         self.epoch = self.batches_in_epoch = 0
         self._processes = 1
         self._position = StreamPosition(seed, batch_size) if self.source.shards else None

@@ -190,11 +190,13 @@ class ImageSource:
 
 def image_source(spec: str | Path | ImageSource) -> ImageSource:
     """Parse a data spec (see the module docstring) into an :class:`ImageSource`; an ImageSource
-    is returned as is. Raises DataError for a missing path, a folder without images, an unknown
-    builtin set or missing local shards, saying what was expected."""
+    is returned as is. Raises DataError for an empty spec, a missing path, a folder without images,
+    an unknown builtin set or missing local shards, saying what was expected."""
     if isinstance(spec, ImageSource):
         return spec
     spec = str(spec)
+    if not spec.strip():  # Path("") would be the current directory
+        raise DataError(f"empty data spec {spec!r}; {_EXPECTED}")
     if is_shard_source(spec):
         return ImageSource(spec, "shards", urls=tuple(expand_shards(spec)))
     root, files = _resolve_files(spec)
