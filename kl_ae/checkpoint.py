@@ -1,7 +1,9 @@
 """Run-directory checkpoints: ``checkpoints/step-NNNNNNN/`` plus a ``checkpoints/latest`` pointer.
 
 A checkpoint holds Accelerate's state (models as safetensors, optimizers, schedulers, RNG states),
-the EMA weights as ``ema.safetensors`` and the loop state as ``loop_state.json``. It is written
+the EMA weights as ``ema.safetensors``, the resolved config it was trained with as ``config.yaml``
+(export, eval and resume read it, not the run directory's, which a later resume may rewrite)
+and the loop state as ``loop_state.json``. It is written
 to a temporary directory and renamed into place, and ``latest`` is replaced only afterwards, so
 ``latest`` always names a complete checkpoint.
 """
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 LOOP_STATE = "loop_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+CONFIG = "config.yaml"  # the resolved config, in each checkpoint and at the top of the run directory
 AE_WEIGHTS = "model.safetensors"  # Accelerate's name for the first prepared model (the AE wrapper)
 AE_FSDP_SHARDS = "pytorch_model_fsdp_0"  # the same under FSDP with fsdp_state_dict_type SHARDED_STATE_DICT
 
@@ -67,6 +70,16 @@ def resolve_checkpoint(path: str | Path, run_dir: str | Path | None = None) -> P
 def run_dir_of(checkpoint: Path) -> Path:
     """``RUN/checkpoints/step-N`` -> ``RUN``."""
     return Path(checkpoint).resolve().parent.parent
+
+
+def config_file_of(checkpoint: Path) -> Path:
+    """The config a checkpoint was trained with: its own config.yaml, or for a checkpoint written
+    before checkpoints carried one, its run directory's. Raises FileNotFoundError when neither exists."""
+    for file in (Path(checkpoint) / CONFIG, run_dir_of(checkpoint) / CONFIG):
+        if file.is_file():
+            return file
+    raise FileNotFoundError(f"checkpoint {checkpoint} has no {CONFIG}, nor has its run directory "
+                            f"{run_dir_of(checkpoint)}: it is not a kl-ae checkpoint")
 
 
 def save_ema(ema, named_parameters: list[tuple[str, torch.Tensor]], path: Path, write: bool = True) -> None:
@@ -204,9 +217,11 @@ class LoopState:
         return {**dataclasses.asdict(self), "train_seconds": round(self.train_seconds, 3)}
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: LoopState, ema, vae, keep_last: int = 0) -> None:
+def save_checkpoint(accelerator, run_dir: Path, state: LoopState, ema, vae, config_yaml: str,
+                    keep_last: int = 0) -> None:
     """Write checkpoints/step-N atomically (temporary directory, rename, then ``latest``): the
-    Accelerate state (models, optimizers, schedulers, RNG), the EMA weights and ``state``.
+    Accelerate state (models, optimizers, schedulers, RNG), the EMA weights, ``config_yaml`` (the
+    resolved config as YAML text) and ``state``.
     A collective: every rank calls it (under FSDP2 each contributes its shards)."""
     ckpts = Path(run_dir) / "checkpoints"
     name = checkpoint_name(state.step)
@@ -219,6 +234,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, ema, vae, keep
     if ema is not None:
         save_ema(ema, list(vae.named_parameters()), tmp / EMA_WEIGHTS, write=accelerator.is_main_process)
     if accelerator.is_main_process:
+        (tmp / CONFIG).write_text(config_yaml)
         finalize_checkpoint(tmp, ckpts / name, state.to_json())
         logger.info("saved checkpoint %s", ckpts / name)
         for path in prune_checkpoints(ckpts, keep_last):

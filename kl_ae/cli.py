@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> None:
     from kl_ae.trainer import train
 
     cfg = load_config(args.config, args.set or [])
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
 
 
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the run's latest checkpoint or from a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.output_dir holds a run: move it aside to OUTPUT_DIR.old-<time> and start anew")
     p.add_argument("--verbose", action="store_true",
                    help="also print every logged step's figures (always in RUN/train.log)")
     p.set_defaults(func=_train)

@@ -15,7 +15,9 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from kl_ae.checkpoint import EMA_WEIGHTS, load_autoencoder_state, read_loop_state, resolve_checkpoint, run_dir_of
+from kl_ae.checkpoint import (
+    CONFIG, EMA_WEIGHTS, config_file_of, load_autoencoder_state, read_loop_state, resolve_checkpoint,
+)
 from kl_ae.config import Config, LossConfig, ModelConfig, load_config
 from kl_ae.parsing import ConfigError
 from kl_ae.discriminator import PatchDiscriminator
@@ -225,20 +227,46 @@ def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(x).latent_dist.mode()).sample
 
 
-RUN_CONFIG = "config.yaml"  # a run directory's resolved config, written before step 0
+RUN_CONFIG = CONFIG  # a run directory's resolved config, written before step 0 (each checkpoint has its own)
+
+# What a resumed run must share with its checkpoint: the keys that shape the saved models and
+# optimizer states (the autoencoder, the trainable set, the discriminator).
+RESUME_KEYS = tuple(f"model.{k}" for k in _INIT_FROM_KEYS) + (
+    "model.train_encoder", "loss.learn_logvar", "loss.disc_num_layers", "loss.disc_channels")
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    file = Path(run_dir) / RUN_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a kl-ae run directory (no {RUN_CONFIG})")
-    return load_config(file)
+def checkpoint_config(checkpoint: str | Path) -> Config:
+    """The config ``checkpoint`` was trained with (kl_ae.checkpoint.config_file_of). Raises
+    FileNotFoundError without one, ConfigError when it does not load."""
+    file = config_file_of(Path(checkpoint))
+    try:
+        return load_config(file)
+    except ConfigError as err:
+        raise ConfigError(f"{file}, the config of checkpoint {checkpoint}, does not load: {err}") from err
+
+
+def check_resume(cfg: Config, checkpoint: Path) -> None:
+    """Raise ConfigError naming every key of :data:`RESUME_KEYS` where ``cfg`` differs from the
+    config ``checkpoint`` was trained with: its weights and optimizer states would not load."""
+    trained = checkpoint_config(checkpoint)
+
+    def value(c: Config, key: str):
+        section, name = key.split(".")
+        return getattr(getattr(c, section), name)
+
+    diff = [f"{k}: checkpoint {value(trained, k)!r}, this run {value(cfg, k)!r}" for k in RESUME_KEYS
+            if value(trained, k) != value(cfg, k)]
+    if diff:
+        raise ConfigError(f"cannot resume from {checkpoint}: the model differs from the one it holds ("
+                          + "; ".join(diff) + f"). Resume with the checkpoint's settings ({config_file_of(checkpoint)}), "
+                          "or start a new run in a new train.output_dir (model.init_from can start it from an export)")
 
 
 def autoencoder_from_checkpoint(checkpoint: str | Path, use_ema: bool = True) -> tuple[AutoencoderKL, Config, dict]:
-    """Build the autoencoder of a run checkpoint (EMA weights when present) with its run config."""
+    """Build the autoencoder of a run checkpoint (EMA weights when present) with the config it
+    was trained with (the checkpoint's own config.yaml; the run directory's for older ones)."""
     ckpt = resolve_checkpoint(checkpoint)
-    cfg = load_run_config(run_dir_of(ckpt))
+    cfg = checkpoint_config(ckpt)
     vae = build_autoencoder(cfg.model)
     vae.load_state_dict(load_autoencoder_state(ckpt, use_ema=use_ema))
     loop_state = read_loop_state(ckpt)

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
-from kl_ae.config import Config, save_config
+from kl_ae.config import Config, config_yaml, save_config
 from kl_ae.data.loaders import TrainBatches, shuffle_channels
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.eval.grids import pair_grid, save_grid
 from kl_ae.export import latent_factors_for, save_export
 from kl_ae.model import (
-    RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, count_parameters, load_or_build_autoencoder,
+    RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, check_resume, count_parameters,
+    load_or_build_autoencoder,
 )
 from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.parsing import ConfigError
@@ -139,24 +140,45 @@ def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: s
     return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
+def _move_aside(run_dir: Path) -> Path:
+    """Rename an existing run directory to RUN.old-YYYYmmdd-HHMMSS (never deleted). Returns the new name."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    run_dir.rename(target)
+    return target
+
+
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train, checkpoint, export (and evaluate if ``data.val``). Returns the run directory.
 
     resume: 'latest' (the run directory's latest checkpoint), a checkpoint directory, or None.
-    Raises, at start-up: ConfigError when model.init_from is missing or does not match the model
-    section, LPIPSWeightsError when LPIPS is asked for and its VGG16 trunk is missing, DataError
-    when the training data is unusable.
+    overwrite: when train.output_dir already holds a run, move it aside (RUN.old-<time>) and
+    start a new one there; without it (and without ``resume``) such a directory is refused.
+    Raises, at start-up: ConfigError when train.output_dir holds a run and neither is given, when
+    model.init_from is missing or does not match the model section, or when the model differs
+    from the checkpoint to resume (naming the keys); LPIPSWeightsError when LPIPS is asked for
+    and its VGG16 trunk is missing; DataError when the training data is unusable.
     """
     t = cfg.train
     run_dir = Path(t.output_dir)
-    # Unusable data, a VAE to fine-tune that is missing or does not match, or missing LPIPS
-    # weights: fail before Accelerate, models or the run directory.
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in train.output_dir and --overwrite moves it aside: "
+                          "pass one of them")
+    # Unusable data, a VAE to fine-tune that is missing or does not match, a checkpoint this
+    # model cannot load, or missing LPIPS weights: fail before Accelerate, models or any write.
     if cfg.model.init_from:
         check_init_from(cfg.model)
-    if resume is None and _holds_a_run(run_dir):
+    if not resume and not overwrite and _holds_a_run(run_dir):
         raise ConfigError(f"train.output_dir={str(run_dir)!r} already holds a run (config.yaml or checkpoints); "
-                          "continue it with --resume latest, or choose a new train.output_dir (training over it "
-                          "would mix two runs' checkpoints and logs)")
+                          "continue it with --resume latest, choose a new train.output_dir, or pass --overwrite "
+                          "to move the old run aside (training over it would mix two runs' checkpoints and logs)")
+    ckpt = _checkpoint_to_resume(resume, run_dir)
+    if ckpt is not None:
+        check_resume(cfg, ckpt)
     batches = TrainBatches(cfg.data, t.batch_size, seed=t.seed)
     perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:
@@ -174,26 +196,27 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     )
     check_distributed(accelerator, cfg)
     if accelerator.is_main_process:
+        if overwrite and _holds_a_run(run_dir):
+            logger.warning("--overwrite: moved the run in %s aside to %s", run_dir, _move_aside(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / RUN_CONFIG)
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)
     try:
-        _train(cfg, accelerator, run_dir, resume, batches, perceptual, perceptual_name)
+        _train(cfg, accelerator, run_dir, ckpt, batches, perceptual, perceptual_name)
     finally:
         _remove_run_log(handler)
     return run_dir
 
 
-def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, resume: str | None, batches: TrainBatches,
+def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | None, batches: TrainBatches,
            perceptual, perceptual_name: str) -> None:
     t = cfg.train
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
     vae = ae.vae
 
-    ckpt = _checkpoint_to_resume(resume, run_dir)
     batches.prepare(accelerator)
     # One model (with its optimizer) per call: FSDP2 shards one model per prepare.
     ae, opt_ae, sched_ae = accelerator.prepare(ae, opt_ae, sched_ae)
@@ -247,9 +270,10 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
         state.train_seconds = seconds
         state.set_data_position(batches.state_dict())
         with clock.pause():
-            save_checkpoint(accelerator, run_dir, state, ema, vae, t.keep_last)
+            save_checkpoint(accelerator, run_dir, state, ema, vae, trained_with, t.keep_last)
 
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    trained_with = config_yaml(cfg)  # stored in every checkpoint
     stream = batches.batches(first_phase_over)
     for x in stream if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
         step = state.step  # the step being taken (0-based); state.step counts the finished ones

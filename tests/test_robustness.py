@@ -17,14 +17,7 @@ def photos(tmp_path):
 
 
 def config(photos, run_dir, steps, **extra):
-    overrides = [
-        "model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.norm_num_groups=8",
-        f"data.train={photos}", "data.resolution=32", "data.num_workers=0", f"train.output_dir={run_dir}",
-        f"train.max_steps={steps}", "train.batch_size=2", "train.gradient_accumulation_steps=1",
-        "train.checkpoint_every=1", "train.log_every=1", "train.mixed_precision=no", "train.scaling_images=2",
-        "train.tracker=none", "loss.perceptual_weight=0", "loss.disc_start=1000",
-    ] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, overrides)
+    return load_config(None, helpers.tiny_train_overrides(photos, run_dir, steps, **extra))
 
 
 def nan_kl_on_calls(monkeypatch, bad_calls):

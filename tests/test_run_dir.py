@@ -1,0 +1,95 @@
+"""The run directory is never corrupted: each checkpoint carries its config, a resume with another
+model is refused before anything is written, --overwrite moves an old run aside."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from kl_ae.cli import main
+from kl_ae.config import load_config
+from kl_ae.model import autoencoder_from_checkpoint
+from kl_ae.parsing import ConfigError
+from kl_ae.trainer import train
+import helpers
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step run (checkpoints step-1 and step-2) on 4 noise photos."""
+    root = tmp_path_factory.mktemp("rundir")
+    photos = helpers.write_noise_photos(root / "photos", 4)
+    run_dir = root / "run"
+    train(load_config(None, helpers.tiny_train_overrides(photos, run_dir, 2)))
+    return photos, run_dir
+
+
+def snapshot(run_dir):
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_each_checkpoint_stores_the_config_it_was_trained_with(run):
+    _, run_dir = run
+    for step in (1, 2):
+        stored = load_config(run_dir / f"checkpoints/step-000000{step}/config.yaml")
+        assert stored.model.block_out_channels == [8, 16] and stored.train.output_dir == str(run_dir)
+
+
+def test_a_resume_with_another_model_is_refused_naming_the_keys_before_any_write(run):
+    photos, run_dir = run
+    before = snapshot(run_dir)
+    cfg = load_config(None, helpers.tiny_train_overrides(photos, run_dir, 4, **{
+        "model.latent_channels": 8, "loss.disc_channels": 16}))
+    with pytest.raises(ConfigError) as err:
+        train(cfg, resume="latest")
+    message = str(err.value)
+    assert "model.latent_channels: checkpoint 4, this run 8" in message
+    assert "loss.disc_channels: checkpoint 64, this run 16" in message
+    assert "model.layers_per_block" not in message  # only the keys that differ
+    assert snapshot(run_dir) == before  # config.yaml, checkpoints and log untouched
+
+
+def test_export_and_eval_read_the_checkpoints_config_not_the_run_directorys(run, tmp_path):
+    """A run whose config.yaml was rewritten (or lost) still exports and evaluates."""
+    photos, run_dir = run
+    work = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run_dir, work)
+    (work / "config.yaml").write_text("model:\n  latent_channels: 16\n")  # another model
+    vae, cfg, state = autoencoder_from_checkpoint(work)
+    assert vae.config.latent_channels == 4 and cfg.model.block_out_channels == [8, 16] and state["step"] == 2
+    assert main(["export", str(work), str(tmp_path / "export"), "--images", str(photos)]) == 0
+    assert AutoencoderKL.from_pretrained(tmp_path / "export").config.latent_channels == 4
+    (work / "config.yaml").unlink()
+    assert main(["eval", str(work), str(photos), "--resolution", "32"]) == 0
+
+
+def test_a_checkpoint_without_a_config_uses_the_run_directorys(run, tmp_path):
+    """Checkpoints written before they carried config.yaml still load."""
+    _, run_dir = run
+    import shutil
+
+    work = tmp_path / "old"
+    shutil.copytree(run_dir, work)
+    for file in (work / "checkpoints").glob("step-*/config.yaml"):
+        file.unlink()
+    vae, _, _ = autoencoder_from_checkpoint(work)
+    reference, _, _ = autoencoder_from_checkpoint(run_dir)
+    for (name, a), (_, b) in zip(vae.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_overwrite_moves_the_old_run_aside(run, tmp_path):
+    photos, run_dir = run
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    before = snapshot(work)
+    overrides = helpers.tiny_train_overrides(photos, work, 1)
+    assert main(["train", "--resume", "latest", "--overwrite"] + [a for o in overrides for a in ("--set", o)]) == 2
+    assert main(["train", "--overwrite"] + [a for o in overrides for a in ("--set", o)]) == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and snapshot(moved[0]) == before  # kept whole, not deleted
+    assert (work / "checkpoints/latest").read_text().strip() == "step-0000001"
+    assert not (work / "checkpoints/step-0000002").exists()  # the new run holds only its own
