@@ -69,6 +69,13 @@ def _shards(args: argparse.Namespace) -> None:
     print(f"train on them with: --set data.train='{result['pattern']}'")
 
 
+# Exit codes of every command (README "Exit codes"); 130 / 143 after SIGINT / SIGTERM
+EXIT_USAGE = 2  # a config, data, file or weights error: nothing was trained
+EXIT_DIVERGED = 3  # training stopped on persistent non-finite losses; the last good checkpoint is kept
+EXIT_EVAL_FAILED = 4  # trained, checkpointed and exported; the evaluation on data.val failed
+EXIT_SIGINT = 130  # 128 + SIGINT, the shell's convention (SIGTERM: 143, kl_ae.interrupt)
+
+
 class _ConsoleHandler(logging.Handler):
     """Log lines printed with ``tqdm.write``, above a running progress bar instead of through it
     (tqdm's own logging bridge is private API and drops handler filters)."""
@@ -189,18 +196,28 @@ def main(argv: list[str] | None = None) -> int:
     _console_logging(quiet=not getattr(args, "verbose", True))
     from kl_ae.parsing import ConfigError
 
+    from kl_ae.interrupt import TrainingInterrupted
+
     try:
         args.func(args)
+    except TrainingInterrupted as err:  # the trainer logged how to resume
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"kl-ae {args.command}: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"kl-ae {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except RuntimeError as err:
-        from kl_ae.monitor import TrainingDiverged
+        from kl_ae.monitor import EvaluationFailed, TrainingDiverged
 
+        if isinstance(err, EvaluationFailed):
+            print(f"kl-ae {args.command}: evaluation failed: {err}", file=sys.stderr)
+            return EXIT_EVAL_FAILED
         if not isinstance(err, TrainingDiverged):
             raise
         print(f"kl-ae {args.command}: stopped: {err}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
     return 0
 
 

@@ -323,8 +323,9 @@ _POSITIVE = {"model": ("latent_channels", "layers_per_block", "norm_num_groups")
              "train": ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "image_every",
                        "checkpoint_every", "max_nonfinite_steps", "scaling_images")}
 _NON_NEGATIVE = {"loss": ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start"),
-                 "data": ("num_workers", "shuffle_buffer"), "optim": ("max_grad_norm",)}
-_NOT_BLANK = (("data", "train"), ("train", "output_dir"))  # empty would mean the current directory
+                 "data": ("num_workers", "shuffle_buffer"), "optim": ("max_grad_norm",), "train": ("seed",)}
+# empty would mean the current directory, or nothing the code can look up
+_NOT_BLANK = (("data", "train"), ("train", "output_dir"), ("loss", "lpips_trunk"), ("train", "tracker"))
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -341,8 +342,8 @@ def _check_ranges(cfg: Config) -> None:
                 raise ConfigError(f"{section}.{key} must be >= 0, got {value}")
     for section, key in _NOT_BLANK:
         if not str(getattr(getattr(cfg, section), key)).strip():
-            raise ConfigError(f"{section}.{key} is empty (an unset shell variable?); an empty path would mean "
-                              "the current directory, so name one")
+            raise ConfigError(f"{section}.{key} is empty (an unset shell variable?); name a value (an empty "
+                              "path would mean the current directory)")
     if cfg.data.val and not cfg.data.val.strip():
         raise ConfigError("data.val is blank; leave it empty for no evaluation or name the images")
 

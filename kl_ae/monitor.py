@@ -27,6 +27,11 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the latest checkpoint is the last good state."""
 
 
+class EvaluationFailed(RuntimeError):
+    """Training finished, its checkpoint and export are written, but the final evaluation on
+    data.val failed (the message says why; train.log has the traceback)."""
+
+
 @dataclass
 class RunCounters:
     """What this process counts during one run (not saved: logged and summarised at the end)."""

@@ -35,7 +35,10 @@ from kl_ae.model import (
     RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, check_resume, count_parameters,
     load_or_build_autoencoder,
 )
-from kl_ae.monitor import RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
+from kl_ae.data.images import DataError
+from kl_ae.data.sources import image_source
+from kl_ae.interrupt import StopSignals, TrainingInterrupted, signal_name
+from kl_ae.monitor import EvaluationFailed, RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.parsing import ConfigError
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
@@ -180,6 +183,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if ckpt is not None:
         check_resume(cfg, ckpt)
     batches = TrainBatches(cfg.data, t.batch_size, seed=t.seed)
+    if cfg.data.val:  # evaluated during and after training: a wrong path should not wait for it
+        try:
+            image_source(cfg.data.val)
+        except DataError as err:
+            raise DataError(f"data.val: {err}") from None
     perceptual, perceptual_name = None, "lpips"
     if cfg.loss.perceptual_weight > 0:
         perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
@@ -204,14 +212,18 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)
     try:
-        _train(cfg, accelerator, run_dir, ckpt, batches, perceptual, perceptual_name)
+        eval_error = _train(cfg, accelerator, run_dir, ckpt, batches, perceptual, perceptual_name)
     finally:
         _remove_run_log(handler)
+    if eval_error:
+        raise EvaluationFailed(f"trained and exported to {run_dir / 'export'}, but the evaluation on "
+                               f"data.val={cfg.data.val!r} failed: {eval_error}")
     return run_dir
 
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | None, batches: TrainBatches,
-           perceptual, perceptual_name: str) -> None:
+           perceptual, perceptual_name: str) -> str | None:
+    """The run after start-up; returns why the final evaluation failed, or None."""
     t = cfg.train
     set_seed(t.seed)  # identical initial weights on every rank
     ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
@@ -243,11 +255,13 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | No
 
     if accelerator.is_main_process and tracker_names(t.tracker):
         accelerator.init_trackers("kl-ae", config=flat_config(cfg), init_kwargs=init_kwargs(run_dir))
-    _loop(cfg, accelerator, models, ema, vae, batches, run_dir, state)
-    accelerator.end_training()
+    try:
+        return _loop(cfg, accelerator, models, ema, vae, batches, run_dir, state)
+    finally:
+        accelerator.end_training()
 
 
-def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, state: LoopState) -> None:
+def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, state: LoopState) -> str | None:
     t = cfg.train
     counters = RunCounters()
     clock = TrainingClock(state.train_seconds)
@@ -275,68 +289,80 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     trained_with = config_yaml(cfg)  # stored in every checkpoint
     stream = batches.batches(first_phase_over)
-    for x in stream if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
-        step = state.step  # the step being taken (0-based); state.step counts the finished ones
-        for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
-            set_progress(sched, global_step=step + 1)
-        x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
-        if cfg.data.channel_shuffle:
-            x = shuffle_channels(x).contiguous(memory_format=memory_format)
-        with accelerator.accumulate(models.autoencoder, models.discriminator):
-            rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
-            scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
-        images_since_log += x.shape[0] * accelerator.num_processes
-        state.images_seen += x.shape[0] * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        state.step = step = step + 1
-        ae_ok = check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
-        if ema is not None and ae_ok:
-            ema.step(vae.parameters())
-        # only a budget or time marks need every rank to agree (a broadcast per step under DDP)
-        seconds = _synced_seconds(accelerator, clock) if budget_s or every_s else clock.seconds()
-        if budget_s:  # the LR of the next step decays over the time budget too
-            for sched in (models.sched_ae, models.sched_disc):
-                set_progress(sched, time_fraction=seconds / budget_s)
-        scalars = {**scalars_ae, **scalars_d}
-        bar.update(1)
-        out_of_time = bool(budget_s) and seconds >= budget_s
-        if step % t.log_every == 0 or step == t.max_steps or out_of_time:
-            elapsed = time.perf_counter() - t_log
-            metrics = log_metrics(accelerator, scalars, state, counters, batches, images_since_log / elapsed, models,
-                                   seconds)
-            live = {"loss": f"{metrics['loss/total']:.4g}", "l1": f"{metrics['loss/l1']:.4f}",
-                    "img/s": f"{metrics['perf/images_per_s']:.1f}"}
-            if budget_s:
-                live["left"] = str(datetime.timedelta(seconds=round(max(0.0, budget_s - seconds))))
-            bar.set_postfix(live)
-            images_since_log, t_log = 0, time.perf_counter()
-        with clock.pause():
-            if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
-                _save_grid(accelerator, run_dir, x, rec, step)
-            if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-                _periodic_eval(cfg, accelerator, vae, ema, step)
-        if step % t.checkpoint_every == 0 or seconds >= next_mark:
+    signals = StopSignals(announce=accelerator.is_main_process)
+    stopped_by = None
+    with signals:
+        for x in stream if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
+            step = state.step  # the step being taken (0-based); state.step counts the finished ones
+            for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
+                set_progress(sched, global_step=step + 1)
+            x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
+            if cfg.data.channel_shuffle:
+                x = shuffle_channels(x).contiguous(memory_format=memory_format)
+            with accelerator.accumulate(models.autoencoder, models.discriminator):
+                rec, scalars_ae = autoencoder_step(accelerator, models, x, step, cfg.loss, cfg.optim.max_grad_norm)
+                scalars_d = discriminator_step(accelerator, models, x, rec, step, cfg.loss, cfg.optim.max_grad_norm)
+            images_since_log += x.shape[0] * accelerator.num_processes
+            state.images_seen += x.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state.step = step = step + 1
+            ae_ok = check_finite(scalars_ae, scalars_d, counters, step, t.max_nonfinite_steps, run_dir)
+            if ema is not None and ae_ok:
+                ema.step(vae.parameters())
+            # only a budget or time marks need every rank to agree (a broadcast per step under DDP)
+            seconds = _synced_seconds(accelerator, clock) if budget_s or every_s else clock.seconds()
+            if budget_s:  # the LR of the next step decays over the time budget too
+                for sched in (models.sched_ae, models.sched_disc):
+                    set_progress(sched, time_fraction=seconds / budget_s)
+            scalars = {**scalars_ae, **scalars_d}
+            bar.update(1)
+            out_of_time = bool(budget_s) and seconds >= budget_s
+            if step % t.log_every == 0 or step == t.max_steps or out_of_time:
+                elapsed = time.perf_counter() - t_log
+                metrics = log_metrics(accelerator, scalars, state, counters, batches, images_since_log / elapsed, models,
+                                       seconds)
+                live = {"loss": f"{metrics['loss/total']:.4g}", "l1": f"{metrics['loss/l1']:.4f}",
+                        "img/s": f"{metrics['perf/images_per_s']:.1f}"}
+                if budget_s:
+                    live["left"] = str(datetime.timedelta(seconds=round(max(0.0, budget_s - seconds))))
+                bar.set_postfix(live)
+                images_since_log, t_log = 0, time.perf_counter()
+            stopped_by = signals.agreed(accelerator)  # every rank, every step: the same answer
+            if stopped_by:
+                break
+            with clock.pause():
+                if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
+                    _save_grid(accelerator, run_dir, x, rec, step)
+                if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                    _periodic_eval(cfg, accelerator, vae, ema, step)
+            if step % t.checkpoint_every == 0 or seconds >= next_mark:
+                checkpoint(seconds)
+                last_saved = step
+                while next_mark <= seconds:
+                    next_mark += every_s
+            if step >= t.max_steps or out_of_time:
+                if out_of_time:
+                    logger.info("train.max_minutes=%g reached at step %d (%.2f training minutes)",
+                                t.max_minutes, step, seconds / 60)
+                break
+        bar.close()
+        seconds = _synced_seconds(accelerator, clock)
+        log_data_summary(accelerator, batches)
+        check_replicas(accelerator, models)
+        if last_saved != state.step:
             checkpoint(seconds)
-            last_saved = step
-            while next_mark <= seconds:
-                next_mark += every_s
-        if step >= t.max_steps or out_of_time:
-            if out_of_time:
-                logger.info("train.max_minutes=%g reached at step %d (%.2f training minutes)",
-                            t.max_minutes, step, seconds / 60)
-            break
-    bar.close()
-    seconds = _synced_seconds(accelerator, clock)
-    log_data_summary(accelerator, batches)
-    check_replicas(accelerator, models)
-    if last_saved != state.step:
-        checkpoint(seconds)
+    if stopped_by:
+        config_file = run_dir / RUN_CONFIG
+        logger.warning("stopped by %s after step %d with a checkpoint; resume with: kl-ae train %s --resume latest",
+                       signal_name(stopped_by), state.step, config_file)
+        raise TrainingInterrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after step {state.step}; "
+                                  f"resume with: kl-ae train {config_file} --resume latest")
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process exports a plain copy
         vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        _finish(cfg, run_dir, vae, ema, state.step)
+    eval_error = _finish(cfg, run_dir, vae, ema, state.step) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
+    return eval_error
 
 
 def _synced_seconds(accelerator: Accelerator, clock: TrainingClock) -> float:
@@ -365,34 +391,48 @@ def _ema_weights(vae, ema: EMAModel | None):
 
 
 def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | None, step: int) -> None:
-    """PSNR/SSIM of the (EMA) autoencoder on data.val, logged as val/*; main process only."""
+    """PSNR/SSIM of the (EMA) autoencoder on data.val, logged as val/*; main process only. A
+    failure is logged as a warning and training goes on."""
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process evaluates a plain copy
         vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
         from kl_ae.eval.evaluate import evaluate
 
-        with _ema_weights(vae, ema):
-            report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
-                              progress=False, latent=False)
+        try:
+            with _ema_weights(vae, ema):
+                report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
+                                  progress=False, latent=False)
+        except Exception as err:  # noqa: BLE001 (an evaluation must not end the training)
+            logger.warning("evaluation at step %d on data.val=%r failed, training goes on: %s: %s", step,
+                           cfg.data.val, type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
+        else:
+            metrics = {f"val/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
+            accelerator.log(metrics, step=step)
+            logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         vae.train()
-        metrics = {f"val/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
-        accelerator.log(metrics, step=step)
-        logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.wait_for_everyone()
 
 
-def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> None:
-    """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val."""
+def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> str | None:
+    """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val.
+    Returns why the evaluation failed (logged with its traceback), or None."""
     with _ema_weights(vae, ema):
         factors = latent_factors_for(vae, cfg)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
-        if cfg.data.val:
-            from kl_ae.eval.evaluate import evaluate
-            from kl_ae.eval.report import format_report
+        if not cfg.data.val:
+            return None
+        from kl_ae.eval.evaluate import evaluate
+        from kl_ae.eval.report import format_report
 
+        try:
             report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution,
                               lpips_trunk=cfg.loss.lpips_trunk, baselines=True)
-            (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
-            logger.info("evaluation on %s (%s):\n%s", cfg.data.val, run_dir / "eval.json", format_report(report))
+        except Exception as err:  # noqa: BLE001 (the checkpoint and export are written: report, keep them)
+            logger.error("evaluation on data.val=%r failed (the checkpoint and export are kept; evaluate again "
+                         "with kl-ae eval %s IMAGES)", cfg.data.val, export_dir, exc_info=True)
+            return f"{type(err).__name__}: {err}"
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        logger.info("evaluation on %s (%s):\n%s", cfg.data.val, run_dir / "eval.json", format_report(report))
+    return None

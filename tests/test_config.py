@@ -88,6 +88,10 @@ def test_resolved_config_round_trips(tmp_path):
     ("loss.kl_weight=-1e-6", "loss.kl_weight"), ("loss.perceptual_weight=-1", "loss.perceptual_weight"),
     ("optim.base_learning_rate=0", "optim.base_learning_rate"),
     ("data.val=builtin:val|data.val_resolution=100", "data.val_resolution"),
+    ("model.norm_num_groups=24", "model.norm_num_groups"), ("train.ema_decay=1.5", "train.ema_decay"),
+    ("data.final_resolution=256|data.final_fraction=1.5", "data.final_fraction"), ("train.seed=-1", "train.seed"),
+    ("loss.lpips_trunk=", "loss.lpips_trunk"), ("train.tracker=", "train.tracker"),
+    ("loss.disc_ramp_steps=-1", "loss.disc_ramp_steps"), ("optim.lr_final_ratio=2", "optim.lr_final_ratio"),
 ])
 def test_unusable_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

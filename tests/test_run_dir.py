@@ -93,3 +93,31 @@ def test_overwrite_moves_the_old_run_aside(run, tmp_path):
     assert len(moved) == 1 and snapshot(moved[0]) == before  # kept whole, not deleted
     assert (work / "checkpoints/latest").read_text().strip() == "step-0000001"
     assert not (work / "checkpoints/step-0000002").exists()  # the new run holds only its own
+
+
+def test_a_wrong_data_val_is_refused_before_anything_is_written(tmp_path, capsys):
+    photos = helpers.write_noise_photos(tmp_path / "photos", 2)
+    overrides = helpers.tiny_train_overrides(photos, tmp_path / "run", 1, **{"data.val": tmp_path / "nope"})
+    assert main(["train"] + [a for o in overrides for a in ("--set", o)]) == 2
+    assert "data.val:" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_failing_evaluation_keeps_the_checkpoint_and_export_and_exits_4(tmp_path, monkeypatch, capsys):
+    """The periodic evaluation's failure is a warning; the final one's is exit code 4 after the export."""
+    from kl_ae.eval import evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(evaluate, "evaluate", broken)
+    photos = helpers.write_noise_photos(tmp_path / "photos", 2)
+    run_dir = tmp_path / "run"
+    overrides = helpers.tiny_train_overrides(photos, run_dir, 2, **{"data.val": photos, "train.eval_every": 1})
+    assert main(["train"] + [a for o in overrides for a in ("--set", o)]) == 4
+    err = capsys.readouterr().err
+    assert "evaluation at step 1 on data.val" in err and "training goes on" in err
+    assert "evaluation failed: trained and exported" in err and "out of memory (simulated)" in err
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-0000002"
+    assert AutoencoderKL.from_pretrained(run_dir / "export").config.latent_channels == 4
+    assert not (run_dir / "eval.json").exists()
+    assert "Traceback" in (run_dir / "train.log").read_text()

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_ae.config import DataConfig
+from kl_ae.interrupt import ignore_in_worker
 from kl_ae.data.images import DataError, SkipCounter, decode, train_transform
 from kl_ae.data.sources import ImageSource, decode_shard_sample, image_source, warn_and_continue
 
@@ -316,7 +317,8 @@ class TrainLoader:
         dataset = build_train_dataset(cfg, seed, self._position, self.source)
         kwargs = dict(batch_size=batch_size, num_workers=cfg.num_workers,
                       collate_fn=partial(collate, resolution=cfg.resolution),
-                      persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_in_worker if cfg.num_workers > 0 else None)
         # The loader's own generator draws the workers' base seed, so it does not depend on (or
         # consume) the global RNG that the training step's posterior sampling uses.
         generator = torch.Generator().manual_seed(seed)
