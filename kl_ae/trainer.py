@@ -354,8 +354,9 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
             checkpoint(seconds)
     if stopped_by:
         config_file = run_dir / RUN_CONFIG
-        logger.warning("stopped by %s after step %d with a checkpoint; resume with: kl-ae train %s --resume latest",
-                       signal_name(stopped_by), state.step, config_file)
+        if accelerator.is_main_process:
+            logger.warning("stopped by %s after step %d with a checkpoint; resume with: kl-ae train %s --resume "
+                           "latest", signal_name(stopped_by), state.step, config_file)
         raise TrainingInterrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after step {state.step}; "
                                   f"resume with: kl-ae train {config_file} --resume latest")
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process exports a plain copy

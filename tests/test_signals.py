@@ -111,3 +111,48 @@ def test_a_second_sigterm_ends_the_process():
               "print('survived')\n")
     done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout, done.stderr
+
+
+def launch_command(photos, run_dir, *extra):
+    """``accelerate launch`` of 2 CPU processes (gloo) training the tiny model for STEPS steps."""
+    overrides = helpers.tiny_train_overrides(photos, run_dir, STEPS, **{
+        "train.checkpoint_every": 7, "loss.disc_start": 3, "loss.disc_channels": 8, "loss.disc_num_layers": 2})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kl_ae.cli", "train",
+           *extra]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_stops_both_ranks_at_one_step_and_resumes_exactly(tmp_path):
+    """What Kubernetes or SLURM does: SIGTERM to the launcher, which forwards it to its workers."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    photos = helpers.write_noise_photos(tmp_path / "photos", 8)
+    done = subprocess.run(launch_command(photos, tmp_path / "ref"), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch_command(photos, run_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torch elastic's launcher ends with its own error after forwarding
+    ckpt = resolve_checkpoint("latest", run_dir)
+    stopped = read_loop_state(ckpt)["step"]
+    assert 3 <= stopped < STEPS
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()  # both ranks saved
+    assert err.count(f"stopped by SIGTERM after step {stopped} with a checkpoint") == 1  # the main process says it
+    log = (run_dir / "train.log").read_text()
+    assert "parameters identical on all 2 ranks" in log and not (run_dir / "export").exists()
+
+    resumed = subprocess.run(launch_command(photos, run_dir, "--resume", "latest"), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "ref/checkpoints/step-0000030" / name))
+        b = load_file(str(run_dir / "checkpoints/step-0000030" / name))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")
