@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run checkpoint in the diffusers AutoencoderKL layout")
     p.add_argument("run", help="run directory (its latest checkpoint) or checkpoint directory")
     p.add_argument("out", help="output directory (must be empty unless --force)")
-    p.add_argument("--images", default=None, help="images for scaling_factor (default: the run's data.train)")
+    p.add_argument("--images", default=None,
+                   help="images to measure scaling_factor on (folder, shard pattern, builtin:...); default: the "
+                        "statistics the trainer stored with its final checkpoint (the run's data.train is never read)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="also assemble OUT-hub (export + model card) and upload it to this Hub repo (needs network)")

@@ -4,7 +4,10 @@ An export directory is exactly what ``AutoencoderKL.save_pretrained`` writes (co
 diffusion_pytorch_model.safetensors), so ``AutoencoderKL.from_pretrained(DIR)`` and diffusers
 pipelines load it as they load the SD/SDXL/SD3/FLUX VAEs. ``scaling_factor`` (and
 ``shift_factor`` where the config asks for it) are measured on training images and stored in
-config.json; ``latent_stats.json`` records how.
+config.json; ``latent_stats.json`` records how. The trainer also stores that file in the
+checkpoint it exported, so ``kl-ae export`` of that checkpoint reuses it; any other checkpoint
+is measured on images the user names (``--images``): a received run's data specs, which may be
+``pipe:`` commands, are never read.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from tqdm.auto import tqdm
 
 from kl_ae.config import Config
 
-from kl_ae.model import check_init_from
-from kl_ae.model import autoencoder_from_checkpoint
+from kl_ae.checkpoint import resolve_checkpoint
+from kl_ae.model import autoencoder_from_checkpoint, check_init_from
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ def compute_latent_factors(
     """Measure scaling_factor (and shift_factor) of the latents of ``num_images`` images.
 
     Latents are samples z ~ q(z|x) of the center-cropped images, as a diffusion model is trained
-    on them. scaling_factor = 1 / std(z) over all elements (LDM: ``1/z.flatten().std()`` of the
+    on them, drawn with a generator seeded with 0: the same weights and images give the same
+    factors on every call. scaling_factor = 1 / std(z) over all elements (LDM: ``1/z.flatten().std()`` of the
     first batch; here over ``num_images``); with ``use_shift`` also shift_factor = mean(z) (the
     SD3/FLUX convention: diffusion runs on (z - shift_factor) * scaling_factor).
 
@@ -56,9 +60,11 @@ def compute_latent_factors(
     n_images = 0
     batch: list[torch.Tensor] = []
 
+    generator = torch.Generator(device).manual_seed(0)
+
     def flush() -> None:
         posterior = vae.encode(torch.stack(batch).to(device)).latent_dist
-        stats.update(posterior.mean, posterior.logvar, posterior.sample())
+        stats.update(posterior.mean, posterior.logvar, posterior.sample(generator=generator))
         batch.clear()
 
     bar = tqdm(total=num_images, desc="latent statistics", disable=not progress, leave=False)
@@ -89,11 +95,12 @@ def compute_latent_factors(
     }
 
 
-def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None = None) -> dict:
+def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None) -> dict:
     """The factors to export: a decoder-only fine-tune keeps its init_from VAE's (the latent
     space did not change, and the diffusion models built on it expect them; for a single file,
     init_config's); otherwise, and for a single file without init_config, they are measured on
-    ``images`` (default ``data.train``) with :func:`compute_latent_factors`."""
+    ``images`` with :func:`compute_latent_factors`. Raises ValueError when they must be measured
+    and ``images`` is None."""
     m = cfg.model
     original = check_init_from(m) if m.init_from and not m.train_encoder else None
     if original is not None:
@@ -101,12 +108,31 @@ def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None = Non
         return {"scaling_factor": original.get("scaling_factor", 0.18215),
                 "shift_factor": original.get("shift_factor"), "resolution": cfg.data.resolution,
                 "source": f"kept from {kept_from} (decoder-only fine-tune: encoder frozen)"}
-    factors = compute_latent_factors(vae, images or cfg.data.train, resolution=cfg.data.resolution,
+    if images is None:
+        raise ValueError("the latent scaling factor must be measured: name the images to measure it on")
+    factors = compute_latent_factors(vae, images, resolution=cfg.data.resolution,
                                      num_images=cfg.train.scaling_images, use_shift=m.use_shift_factor)
     if m.init_from and not m.train_encoder:  # a single file without init_config carries no factors
         factors["source"] = (f"measured: model.init_from={m.init_from} is a single file without "
                              "model.init_config, so its original scaling_factor is unknown")
         logger.warning("scaling_factor %s", factors["source"])
+    return factors
+
+
+LATENT_STATS = "latent_stats.json"  # in an export, and in the checkpoint the trainer exported
+
+
+def stored_factors(checkpoint: Path) -> dict | None:
+    """The factors the trainer measured on the weights of ``checkpoint`` (its latent_stats.json,
+    written with the run's final export), or None."""
+    file = Path(checkpoint) / LATENT_STATS
+    if not file.is_file():
+        return None
+    try:
+        factors = json.loads(file.read_text())
+        float(factors["scaling_factor"]), factors["resolution"], factors["shift_factor"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a latent statistics file ({err}); delete it and pass --images") from None
     return factors
 
 
@@ -118,7 +144,7 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
     vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"],
                            sample_size=int(factors["resolution"]))
     vae.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "latent_stats.json").write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
+    (out_dir / LATENT_STATS).write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
     logger.info(
         "exported to %s (scaling_factor=%.5f, shift_factor=%s)",
         out_dir, factors["scaling_factor"], factors["shift_factor"],
@@ -128,16 +154,34 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
                       images: str | None = None, device: str | None = None) -> Path:
-    """``kl-ae export``: write a run checkpoint as a diffusers export with measured factors.
+    """``kl-ae export``: write a run checkpoint as a diffusers export with its latent factors.
 
-    images: where to measure the factors (default: the run's ``data.train``).
-    Raises FileExistsError for a non-empty ``out_dir`` unless ``force``.
+    images: where to measure the factors (a data spec the user typed). Without it: the factors the
+    trainer stored with the checkpoint it exported, or a decoder-only fine-tune's kept ones; the
+    run's own data specs are never used (a received run's ``pipe:`` spec would run a command).
+    Raises FileExistsError for a non-empty ``out_dir`` unless ``force``; ValueError when the
+    factors must be measured and ``images`` is None.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; choose another directory or pass --force")
-    vae, cfg, loop_state = autoencoder_from_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint)
+    vae, cfg, loop_state = autoencoder_from_checkpoint(ckpt)
+    provenance = {"step": loop_state.get("step"), "ema": loop_state["ema"]}
+    stored = None if images else stored_factors(ckpt)
+    if stored is not None:
+        factors = {k: v for k, v in stored.items() if k not in provenance}
+        logger.info("scaling_factor from %s (measured by the trainer on these weights)", ckpt / LATENT_STATS)
+        return save_export(vae, out_dir, factors, provenance)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
-    factors = latent_factors_for(vae, cfg, images)
-    return save_export(vae.cpu(), out_dir, factors, {"step": loop_state.get("step"), "ema": loop_state["ema"]})
+    try:
+        factors = latent_factors_for(vae, cfg, images)
+    except ValueError as err:
+        if images is not None:
+            raise
+        raise ValueError(f"{ckpt} has no stored latent statistics (the trainer stores them only with the "
+                         "checkpoint it exports at the end of a run), so scaling_factor must be measured: pass "
+                         "--images with a folder or shard pattern of training-like images (the run's own "
+                         "data.train is never read by export)") from err
+    return save_export(vae.cpu(), out_dir, factors, provenance)

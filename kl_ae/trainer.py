@@ -30,7 +30,7 @@ from kl_ae.config import Config, config_yaml, save_config
 from kl_ae.data.loaders import TrainBatches, shuffle_channels
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.eval.grids import pair_grid, save_grid
-from kl_ae.export import latent_factors_for, save_export
+from kl_ae.export import LATENT_STATS, latent_factors_for, save_export
 from kl_ae.model import (
     RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, check_resume, count_parameters,
     load_or_build_autoencoder,
@@ -418,10 +418,14 @@ def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) ->
     """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val.
     Returns why the evaluation failed (logged with its traceback), or None."""
     with _ema_weights(vae, ema):
-        factors = latent_factors_for(vae, cfg)
+        factors = latent_factors_for(vae, cfg, cfg.data.train)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
+        # kl-ae export of this checkpoint reuses them (and never reads a received run's data.train)
+        final_checkpoint = run_dir / "checkpoints" / ckpt_io.checkpoint_name(step)
+        if final_checkpoint.is_dir():
+            shutil.copyfile(export_dir / LATENT_STATS, final_checkpoint / LATENT_STATS)
         if not cfg.data.val:
             return None
         from kl_ae.eval.evaluate import evaluate

@@ -121,3 +121,32 @@ def test_a_failing_evaluation_keeps_the_checkpoint_and_export_and_exits_4(tmp_pa
     assert AutoencoderKL.from_pretrained(run_dir / "export").config.latent_channels == 4
     assert not (run_dir / "eval.json").exists()
     assert "Traceback" in (run_dir / "train.log").read_text()
+
+
+def test_export_runs_nothing_from_a_received_config_and_is_deterministic(run, tmp_path, capsys):
+    """A received run whose data.train is a pipe: command: export never reads it."""
+    import json
+    import shutil
+
+    photos, run_dir = run
+    work = tmp_path / "received"
+    shutil.copytree(run_dir, work)
+    marker = tmp_path / "ran"
+    for file in [work / "config.yaml", *(work / "checkpoints").glob("step-*/config.yaml")]:
+        file.write_text(file.read_text().replace(f"train: {photos}", f"train: 'pipe:touch {marker}'"))
+    assert "pipe:touch" in (work / "checkpoints/step-0000002/config.yaml").read_text()
+
+    # the final checkpoint: the trainer's own measurement, stored with it
+    assert main(["export", str(work), str(tmp_path / "final")]) == 0
+    stored = json.loads((run_dir / "export/config.json").read_text())["scaling_factor"]
+    assert json.loads((tmp_path / "final/config.json").read_text())["scaling_factor"] == stored
+    # an earlier checkpoint has none: measured only on images named on the command line
+    assert main(["export", str(work / "checkpoints/step-0000001"), str(tmp_path / "early")]) == 2
+    assert "pass --images" in capsys.readouterr().err
+    factors = []
+    for out in ("a", "b"):
+        assert main(["export", str(work / "checkpoints/step-0000001"), str(tmp_path / out), "--images",
+                     str(photos)]) == 0
+        factors.append(json.loads((tmp_path / out / "config.json").read_text())["scaling_factor"])
+    assert factors[0] == factors[1]  # the same checkpoint gives the same factors
+    assert not marker.exists()
