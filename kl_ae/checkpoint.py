@@ -32,6 +32,31 @@ AE_WEIGHTS = "model.safetensors"  # Accelerate's name for the first prepared mod
 AE_FSDP_SHARDS = "pytorch_model_fsdp_0"  # the same under FSDP with fsdp_state_dict_type SHARDED_STATE_DICT
 
 
+class CheckpointError(ValueError):
+    """A checkpoint (or export) file that exists but cannot be used: truncated, damaged, or
+    holding something else. The message names the file and what to do."""
+
+
+def _what_to_do(checkpoint: Path) -> str:
+    """Advice for a damaged checkpoint: the other complete checkpoints of its run, if any."""
+    checkpoint = Path(checkpoint)
+    others = sorted(p for p in checkpoint.parent.glob("step-*") if p != checkpoint and (p / LOOP_STATE).is_file())
+    if not others:
+        return "copy the checkpoint again from where it came from"
+    return (f"copy it again, or use another checkpoint of the run (--resume DIR, kl-ae export DIR): "
+            f"{', '.join(str(p) for p in others[-3:])}")
+
+
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a :class:`CheckpointError` naming the file when it is
+    truncated or not safetensors."""
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own SafetensorError, OSError, ...)
+        raise CheckpointError(f"{file} cannot be read ({type(err).__name__}: {err}): it is truncated or not a "
+                              f"safetensors file; {_what_to_do(Path(file).parent)}") from None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
@@ -103,7 +128,11 @@ def load_ema_into(ema, named_parameters: list[tuple[str, torch.Tensor]], path: P
     """Restore EMA shadow weights written by :func:`save_ema`. Raises KeyError on a missing name."""
     from safetensors import safe_open
 
-    tensors = load_file(str(path))
+    tensors = load_safetensors(path)
+    missing = [name for name, _ in named_parameters if name not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} of the autoencoder's weights (e.g. {missing[0]}): it "
+                              f"belongs to another model; {_what_to_do(Path(path).parent)}")
     for (name, _), shadow in zip(named_parameters, ema.shadow_params):
         value = tensors[name].to(shadow.device)
         if isinstance(shadow, DTensor):  # FSDP2: keep this rank's shard (no communication)
@@ -117,9 +146,13 @@ def load_autoencoder_state(checkpoint: Path, use_ema: bool = True) -> dict[str, 
     """The ``AutoencoderKL`` state dict stored in a checkpoint (EMA weights when present and asked for)."""
     ema_file = checkpoint / EMA_WEIGHTS
     if use_ema and ema_file.is_file():
-        state = load_file(str(ema_file))
+        state = load_safetensors(ema_file)
         # EMA covers the trainable parameters only; buffers (none in AutoencoderKL today) come from the raw model.
         raw = _raw_autoencoder_state(checkpoint)
+        foreign = [k for k in state if k not in raw or state[k].shape != raw[k].shape]
+        if foreign:
+            raise CheckpointError(f"{ema_file} holds weights of another model ({len(foreign)} names or shapes not "
+                                  f"in {AE_WEIGHTS}, e.g. {foreign[0]}); {_what_to_do(checkpoint)}")
         return {**raw, **state}
     return _raw_autoencoder_state(checkpoint)
 
@@ -129,7 +162,7 @@ def _raw_autoencoder_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     if (checkpoint / AE_FSDP_SHARDS).is_dir() and not file.is_file():
         state = _load_sharded(checkpoint / AE_FSDP_SHARDS)
     elif file.is_file():
-        state = load_file(str(file))
+        state = load_safetensors(file)
     else:
         raise FileNotFoundError(f"checkpoint {checkpoint} has no {AE_WEIGHTS} (nor FSDP's {AE_FSDP_SHARDS}/)")
     return {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
@@ -157,7 +190,16 @@ def finalize_checkpoint(tmp_dir: Path, final_dir: Path, loop_state: dict) -> Non
 
 
 def read_loop_state(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / LOOP_STATE).read_text())
+    """The checkpoint's loop_state.json as a dict. Raises CheckpointError naming the file when it
+    is not a JSON object with an integer ``step``."""
+    file = Path(checkpoint) / LOOP_STATE
+    try:
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("not an object with an integer 'step'")
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{file} is damaged ({err}); {_what_to_do(Path(checkpoint))}") from None
+    return state
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
@@ -245,7 +287,11 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, ema, vae, conf
 def restore_checkpoint(accelerator, checkpoint: Path, ema, vae, images_per_step: int) -> LoopState:
     """Load what :func:`save_checkpoint` wrote into the prepared models, optimizers, schedulers
     and every rank's RNG states (Accelerate), and into ``ema``. Returns the loop state."""
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as err:  # noqa: BLE001 (torch.load, safetensors and Accelerate each raise their own)
+        raise CheckpointError(f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {err}); a file in "
+                              f"it is damaged; {_what_to_do(checkpoint)}") from err
     if ema is not None and (checkpoint / EMA_WEIGHTS).is_file():
         load_ema_into(ema, list(vae.named_parameters()), checkpoint / EMA_WEIGHTS)
     return LoopState.read(checkpoint, images_per_step)

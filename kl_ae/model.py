@@ -16,7 +16,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from kl_ae.checkpoint import (
-    CONFIG, EMA_WEIGHTS, config_file_of, load_autoencoder_state, read_loop_state, resolve_checkpoint,
+    CONFIG, EMA_WEIGHTS, CheckpointError, config_file_of, load_autoencoder_state, read_loop_state, resolve_checkpoint,
 )
 from kl_ae.config import Config, LossConfig, ModelConfig, load_config
 from kl_ae.parsing import ConfigError
@@ -267,9 +267,19 @@ def autoencoder_from_checkpoint(checkpoint: str | Path, use_ema: bool = True) ->
     was trained with (the checkpoint's own config.yaml; the run directory's for older ones)."""
     ckpt = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
-    vae = build_autoencoder(cfg.model)
-    vae.load_state_dict(load_autoencoder_state(ckpt, use_ema=use_ema))
     loop_state = read_loop_state(ckpt)
+    vae = build_autoencoder(cfg.model)
+    state = load_autoencoder_state(ckpt, use_ema=use_ema)
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not hold the autoencoder its config ({config_file_of(ckpt)}) describes: "
+            f"{len(missing)} weights missing, {len(unexpected)} unexpected, {len(wrong)} of another shape (e.g. "
+            f"{(missing + unexpected + wrong)[0]}); the weights and the config come from different runs")
+    vae.load_state_dict(state)
     loop_state["ema"] = use_ema and (ckpt / EMA_WEIGHTS).is_file()
     return vae, cfg, loop_state
 
@@ -281,7 +291,14 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     """
     path = Path(path)
     if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path)
+        try:
+            # safetensors only: a received directory's pickle (.bin) is never loaded
+            return AutoencoderKL.from_pretrained(path, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as err:  # diffusers: no weights file, truncated, mismatch
+            raise CheckpointError(
+                f"{path} has a diffusers config.json but its weights do not load ({type(err).__name__}: "
+                f"{str(err).splitlines()[0]}); expected diffusion_pytorch_model.safetensors matching it: export "
+                "again with kl-ae export RUN DIR --force") from None
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     try:

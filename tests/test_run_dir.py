@@ -150,3 +150,47 @@ def test_export_runs_nothing_from_a_received_config_and_is_deterministic(run, tm
         factors.append(json.loads((tmp_path / out / "config.json").read_text())["scaling_factor"])
     assert factors[0] == factors[1]  # the same checkpoint gives the same factors
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "foreign weights", "bad loop_state", "truncated optimizer"])
+def test_a_damaged_checkpoint_is_one_clear_error_naming_the_file(run, tmp_path, capsys, damage):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    photos, run_dir = run
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    ckpt = work / "checkpoints/step-0000002"
+    file = {"truncated weights": "model.safetensors", "foreign weights": "ema.safetensors",
+            "bad loop_state": "loop_state.json", "truncated optimizer": "optimizer.bin"}[damage]
+    if damage == "foreign weights":
+        save_file({"encoder.other.weight": torch.zeros(3)}, str(ckpt / file))
+    elif damage == "bad loop_state":
+        (ckpt / file).write_text('{"step": 2, "epoch"')
+    else:
+        (ckpt / file).write_bytes((ckpt / file).read_bytes()[:200])
+    if damage != "truncated optimizer":  # export and eval read the weights and the loop state
+        assert main(["export", str(work), str(tmp_path / "out"), "--images", str(photos)]) == 2
+        err = capsys.readouterr().err
+        assert file in err and "step-0000001" in err  # the file, and the run's other checkpoint to use
+        assert "Traceback" not in err
+    overrides = helpers.tiny_train_overrides(photos, work, 3)
+    assert main(["train", "--resume", "latest"] + [a for o in overrides for a in ("--set", o)]) == 2
+    err = capsys.readouterr().err
+    assert "step-0000002" in err and "step-0000001" in err and "Traceback" not in err
+    if damage == "truncated optimizer":
+        assert "cannot be loaded" in err
+
+
+def test_an_export_without_its_weights_is_a_clear_error(run, tmp_path, capsys):
+    import shutil
+
+    photos, run_dir = run
+    export = tmp_path / "export"
+    shutil.copytree(run_dir / "export", export)
+    (export / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, export / "diffusion_pytorch_model.bin")  # a pickle is never a fallback
+    assert main(["eval", str(export), str(photos), "--resolution", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion_pytorch_model.safetensors" in err and "kl-ae export" in err and "Traceback" not in err
