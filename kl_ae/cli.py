@@ -42,7 +42,7 @@ def _eval(args: argparse.Namespace) -> None:
     run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
         lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,
         full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above,
-        lpips_net=args.lpips_net, rfid_weights=args.rfid_weights)
+        lpips_net=args.lpips_net, rfid_weights=args.rfid_weights, max_image_pixels=args.max_image_pixels)
     if args.grid and process_state().is_main_process:
         from kl_ae.model import load_autoencoder
         from kl_ae.eval.grids import reconstruction_grid
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true",
                    help="also report the mean-colour and bicubic down/up baselines")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-image-pixels", type=int, default=89_478_485, metavar="N",
+                   help="skip larger images as decompression bombs (default: Pillow's limit; 0: none)")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"],
                    help="LPIPS network (vgg: the LDM loss and most published tables; alex: reported as lpips_alex)")
     p.add_argument("--rfid-weights", default=None, metavar="PATH|none",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS
 from kl_ae.parsing import ConfigError, apply, load_yaml, parse_override
 from kl_ae.precision import CHOICES as PRECISION_CHOICES
 from kl_ae.schedule import SCHEDULES as LR_SCHEDULES
@@ -129,6 +130,11 @@ class DataConfig:
     never cached). Costs up to this much memory per worker and process; same pixels either way."""
     shuffle_buffer: int = 1000
     """Sample shuffle buffer for webdataset shards (shard order is shuffled too)."""
+    max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS
+    """Training images with more pixels (width x height) are skipped and counted as
+    decompression_bomb: Pillow's own guard against a small file that decodes to gigabytes
+    (Image.MAX_IMAGE_PIXELS, whose default this is: about 9459 x 9459). Raise it for very large
+    photographs you trust; 0: no limit."""
     final_resolution: int = 0
     """Resolution schedule (LiteVAE's low-then-full-resolution training): the crop size of the
     run's last ``final_fraction``; 0: data.resolution throughout. A model trained only on small
@@ -323,7 +329,7 @@ _POSITIVE = {"model": ("latent_channels", "layers_per_block", "norm_num_groups")
              "train": ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "image_every",
                        "checkpoint_every", "max_nonfinite_steps", "scaling_images")}
 _NON_NEGATIVE = {"loss": ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start"),
-                 "data": ("num_workers", "shuffle_buffer"), "optim": ("max_grad_norm",), "train": ("seed",)}
+                 "data": ("num_workers", "shuffle_buffer", "max_image_pixels"), "optim": ("max_grad_norm",), "train": ("seed",)}
 # empty would mean the current directory, or nothing the code can look up
 _NOT_BLANK = (("data", "train"), ("train", "output_dir"), ("loss", "lpips_trunk"), ("train", "tracker"))
 

@@ -39,6 +39,19 @@ class RunCounters:
     nonfinite_ae: int = 0  # skipped autoencoder updates (non-finite gradient norm)
     nonfinite_disc: int = 0  # skipped discriminator updates
     consecutive: int = 0  # bad steps in a row (the run stops at train.max_nonfinite_steps)
+    warned_upscaled: bool = False  # the early warning about upscaled crops was given
+
+
+# Above this fraction of training crops taken from images smaller than the crop (upscaled, so
+# blurry targets), the run warns: once early (after UPSCALED_WARN_AFTER crops) and at the end.
+UPSCALED_WARN_FRACTION = 0.1
+UPSCALED_WARN_AFTER = 100
+
+
+def _upscaled_warning(upscaled: int, crops: int, resolution: int) -> str:
+    return (f"{upscaled} of {crops} training crops ({upscaled / crops:.0%}) came from images smaller than the "
+            f"{resolution}-px crop, upscaled to it: blurry targets teach blur. Use larger images, a smaller "
+            "data.resolution, or leave the small images out")
 
 
 def check_finite(scalars_ae: dict, scalars_d: dict, counters: RunCounters, step: int, limit: int,
@@ -84,6 +97,11 @@ def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCount
         "optim/nonfinite_ae_steps": counters.nonfinite_ae,
         "optim/nonfinite_disc_steps": counters.nonfinite_disc,
     })
+    if (not counters.warned_upscaled and batches.crops >= UPSCALED_WARN_AFTER
+            and batches.upscaled > UPSCALED_WARN_FRACTION * batches.crops):
+        counters.warned_upscaled = True
+        if accelerator.is_main_process:  # this process's share of the data: an estimate
+            logger.warning(_upscaled_warning(batches.upscaled, batches.crops, batches.resolution))
     if any(not math.isfinite(v) for v in metrics.values()):
         logger.warning("non-finite value at step %d: %s", state.step, metrics)
     accelerator.log(metrics, step=state.step)
@@ -100,10 +118,13 @@ def log_data_summary(accelerator: Accelerator, batches: TrainBatches) -> None:
         for reason, n in part.items():
             total.add(reason, n)
     upscaled = sum(gather_object([batches.upscaled]))
+    crops = sum(gather_object([batches.crops]))
     if accelerator.is_main_process:
-        logger.info("training data, counted over all epochs: %s; %d crops came from images upscaled "
+        logger.info("training data, counted over all epochs: %s; %d of %d crops came from images upscaled "
                     "to the crop size",
-                    total.summary() if total.total else "no image skipped", upscaled)
+                    total.summary() if total.total else "no image skipped", upscaled, crops)
+        if crops and upscaled > UPSCALED_WARN_FRACTION * crops:
+            logger.warning(_upscaled_warning(upscaled, crops, batches.resolution))
 
 
 def check_replicas(accelerator: Accelerator, models: StepModels) -> None:

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
 from kl_ae.config import Config, config_yaml, save_config
-from kl_ae.data.loaders import TrainBatches, shuffle_channels
+from kl_ae.data.images import shuffle_channels
+from kl_ae.data.loaders import TrainBatches
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.eval.grids import pair_grid, save_grid
 from kl_ae.export import LATENT_STATS, latent_factors_for, save_export
@@ -402,7 +403,7 @@ def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | N
         try:
             with _ema_weights(vae, ema):
                 report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
-                                  progress=False, latent=False)
+                                  progress=False, latent=False, max_image_pixels=cfg.data.max_image_pixels)
         except Exception as err:  # noqa: BLE001 (an evaluation must not end the training)
             logger.warning("evaluation at step %d on data.val=%r failed, training goes on: %s: %s", step,
                            cfg.data.val, type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
@@ -433,7 +434,8 @@ def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) ->
 
         try:
             report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution,
-                              lpips_trunk=cfg.loss.lpips_trunk, baselines=True)
+                              lpips_trunk=cfg.loss.lpips_trunk, baselines=True,
+                              max_image_pixels=cfg.data.max_image_pixels)
         except Exception as err:  # noqa: BLE001 (the checkpoint and export are written: report, keep them)
             logger.error("evaluation on data.val=%r failed (the checkpoint and export are kept; evaluate again "
                          "with kl-ae eval %s IMAGES)", cfg.data.val, export_dir, exc_info=True)

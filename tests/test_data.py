@@ -151,12 +151,35 @@ def test_bad_files_are_skipped_with_reasons(folder):
         assert images.decode(folder / name) == (None, reason)
 
 
-def test_decompression_bomb_is_skipped(monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+def test_decompression_bomb_limit_is_a_setting_and_pillows_global_is_left_alone():
+    before = Image.MAX_IMAGE_PIXELS
     for w, h in ((40, 60), (40, 30)):  # above 2x the limit (error) and between 1x and 2x (warning)
         buf = io.BytesIO()
         _photo(w, h, 0).save(buf, format="PNG")
-        assert images.decode(buf.getvalue()) == (None, "decompression_bomb")
+        assert images.decode(buf.getvalue(), max_pixels=1000) == (None, "decompression_bomb")
+        assert images.decode(buf.getvalue(), max_pixels=0)[0].size == (w, h)  # 0: no limit
+        assert images.decode(buf.getvalue())[0].size == (w, h)  # Pillow's default limit
+    assert Image.MAX_IMAGE_PIXELS == before == images.PILLOW_MAX_IMAGE_PIXELS
+
+
+def test_the_training_set_applies_data_max_image_pixels(tmp_path):
+    _photo(40, 60, 0).save(tmp_path / "big.png")
+    _photo(20, 20, 1).save(tmp_path / "small.png")
+    files = sorted(tmp_path.glob("*.png"))
+    limited = D.ImageFolderDataset(files, 16, max_image_pixels=1000)
+    assert [limited[i].get("skip_reason") for i in range(2)] == ["decompression_bomb", None]
+    unlimited = D.ImageFolderDataset(files, 16, max_image_pixels=0)
+    assert all(unlimited[i]["pixel_values"] is not None for i in range(2))
+
+
+def test_a_multi_frame_image_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(tmp_path / "still.png")
+    assert Image.open(tmp_path / "anim.gif").n_frames == 2
+    assert [f.name for f in sources.list_image_files(tmp_path)] == ["anim.gif", "still.png"]  # not ignored
+    img, reason = images.decode(tmp_path / "anim.gif")
+    assert reason is None and img.mode == "RGB" and img.getpixel((5, 5)) == (255, 0, 0)
 
 
 def test_list_image_files_is_recursive_sorted_and_case_insensitive(folder):

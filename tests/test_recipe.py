@@ -176,7 +176,7 @@ def test_posterior_logvar_init_sets_every_posterior_log_variance(quant_conv):
 
 
 def test_channel_shuffle_permutes_each_image_by_its_own_order():
-    from kl_ae.data.loaders import shuffle_channels
+    from kl_ae.data.images import shuffle_channels
 
     torch.manual_seed(0)
     x = torch.arange(3, dtype=torch.float32).view(1, 3, 1, 1).expand(600, 3, 4, 4).contiguous()

@@ -71,6 +71,17 @@ def test_unusable_training_images_are_skipped_and_counted_by_reason(photos, tmp_
     assert "empty_file=" in log and "not_an_image=" in log
 
 
+@pytest.mark.parametrize("resolution,warned", [(32, False), (64, True)])
+def test_crops_from_upscaled_images_are_counted_and_warned_about(photos, tmp_path, resolution, warned):
+    """The photos are 40 x 40 px: 64-px crops need every one upscaled."""
+    run_dir = tmp_path / "run"
+    train(config(photos, run_dir, 2, **{"data.resolution": resolution}))
+    log = (run_dir / "train.log").read_text()
+    assert f"{4 if warned else 0} of 4 crops came from images upscaled" in log
+    assert ("WARNING kl_ae: 4 of 4 training crops (100%) came from images smaller than the 64-px crop"
+            in log) == warned
+
+
 def test_no_usable_training_image_is_one_clear_error(tmp_path):
     from kl_ae.cli import main
 

@@ -70,7 +70,7 @@ def test_a_signal_checkpoints_and_exits_and_resume_reaches_the_same_weights(refe
     assert proc.returncode == code, err[-2000:]
     stopped = read_loop_state(resolve_checkpoint("latest", run_dir))["step"]
     assert 3 <= stopped < STEPS
-    assert f"received: finishing this step" in err
+    assert "received: finishing this step" in err
     assert f"stopped by {signal.Signals(signum).name} after step {stopped} with a checkpoint" in err
     assert f"resume with: kl-ae train {run_dir / 'config.yaml'} --resume latest" in err
     assert "Traceback" not in err and not (run_dir / "export").exists()

@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -79,23 +80,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(source: bytes | str | Path, draft_short_side: int | None = None
-            ) -> tuple[Image.Image | None, str | None]:
+PILLOW_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: 1024 * 1024 * 1024 // 4 // 3
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int):
+    """Pillow's decompression-bomb limit is a module global (Image.MAX_IMAGE_PIXELS): set it for
+    one decode and put it back (data workers and evaluation decode in one thread each)."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def decode(source: bytes | str | Path, draft_short_side: int | None = None,
+           max_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, str | None]:
     """Decode file bytes or a path to an RGB image: ``(image, None)`` or ``(None, reason)``.
 
     draft_short_side: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose short
     side is still >= this many pixels (Pillow ``draft``): several times faster for multi-MP
     photos that are downscaled anyway. Other formats decode at full size.
+    max_pixels: images with more pixels are skipped as "decompression_bomb" (data.max_image_pixels;
+    default Pillow's limit; 0: none). A multi-frame file (animated GIF/PNG/WebP, multi-page
+    TIFF) gives its first frame.
     """
     try:
         in_memory = isinstance(source, (bytes, bytearray, memoryview))
         if (len(source) if in_memory else os.path.getsize(source)) == 0:
             return None, "empty_file"
         fp = io.BytesIO(source) if in_memory else source
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pixel_limit(max_pixels):
             # between 1x and 2x Image.MAX_IMAGE_PIXELS Pillow only warns; treat it as a bomb too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
+            with Image.open(fp) as img:  # positioned at the first frame
                 if draft_short_side and img.format == "JPEG":
                     w, h = img.size
                     scale = draft_short_side / min(w, h)
@@ -170,3 +189,23 @@ def eval_transform(img: Image.Image, resolution: int) -> torch.Tensor:
     w, h = img.size
     top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
     return to_tensor(img.crop((left, top, left + resolution, top + resolution)))
+
+
+def shuffle_channels(x: torch.Tensor) -> torch.Tensor:
+    """Permute the channels of each image by its own uniformly drawn order (``data.channel_shuffle``).
+
+    x: (B, C, H, W); returns a new tensor of the same shape. Draws from the global RNG of
+    ``x``'s device (restored by a checkpoint, so a resumed run draws the same orders).
+    """
+    order = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)
+    return x.gather(1, order[:, :, None, None].expand_as(x))
+
+
+def sample_generator(*parts: int) -> torch.Generator:
+    """A generator seeded from integers (seed, epoch, index, ...): augmentation that depends on
+    which sample it is, not on how many random numbers were drawn before, so a resumed run
+    crops and flips exactly as an uninterrupted one."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**61 - 1)
+    return torch.Generator().manual_seed(value)

@@ -30,30 +30,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_ae.config import DataConfig
 from kl_ae.interrupt import ignore_in_worker
-from kl_ae.data.images import DataError, SkipCounter, decode, train_transform
+from kl_ae.data.images import (
+    PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode, sample_generator, train_transform,
+)
 from kl_ae.data.sources import ImageSource, decode_shard_sample, image_source, warn_and_continue
 
 logger = logging.getLogger(__name__)
-
-
-def shuffle_channels(x: torch.Tensor) -> torch.Tensor:
-    """Permute the channels of each image by its own uniformly drawn order (``data.channel_shuffle``).
-
-    x: (B, C, H, W); returns a new tensor of the same shape. Draws from the global RNG of
-    ``x``'s device (restored by a checkpoint, so a resumed run draws the same orders).
-    """
-    order = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)
-    return x.gather(1, order[:, :, None, None].expand_as(x))
-
-
-def sample_generator(*parts: int) -> torch.Generator:
-    """A generator seeded from integers (seed, epoch, index, ...): augmentation that depends on
-    which sample it is, not on how many random numbers were drawn before, so a resumed run
-    crops and flips exactly as an uninterrupted one."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (2**61 - 1)
-    return torch.Generator().manual_seed(value)
 
 
 def _record(img: Image.Image | None, reason: str | None, name: str, resolution: int,
@@ -102,8 +84,8 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, files: Iterable[str | Path], resolution: int, random_flip: bool = True,
                  root: str | Path | None = None, short_side_range: Sequence[int] | None = None,
-                 seed: int = 0, decode_cache_mb: int = 0):
-        self.seed = seed
+                 seed: int = 0, decode_cache_mb: int = 0, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS):
+        self.seed, self.max_image_pixels = seed, max_image_pixels
         self.files = [Path(f) for f in files]
         self.resolution, self.random_flip = resolution, random_flip
         self.short_side_range = short_side_range
@@ -115,7 +97,7 @@ class ImageFolderDataset(Dataset):
     def _decode(self, i: int) -> tuple[Image.Image | None, str | None]:
         if i in self._cache:
             return self._cache[i], None
-        img, reason = decode(self.files[i], _draft_size(self.short_side_range))
+        img, reason = decode(self.files[i], _draft_size(self.short_side_range), self.max_image_pixels)
         if img is not None and self.cache_budget:
             size = img.width * img.height * len(img.getbands())
             if self._cached_bytes + size <= self.cache_budget:
@@ -172,9 +154,10 @@ def _draft_size(short_side_range: Sequence[int] | None) -> int | None:
 
 
 def _shard_record(sample: dict, resolution: int, random_flip: bool,
-                  short_side_range: Sequence[int] | None = None) -> dict:
+                  short_side_range: Sequence[int] | None = None, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> dict:
     generator = sample_generator(*sample["__position__"]) if "__position__" in sample else None
-    return _record(*decode_shard_sample(sample, _draft_size(short_side_range)), sample.get("__key__", "?"),
+    return _record(*decode_shard_sample(sample, _draft_size(short_side_range), max_image_pixels),
+                   sample.get("__key__", "?"),
                    resolution, random_flip, short_side_range, generator)
 
 
@@ -261,7 +244,7 @@ def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
         ds = ds.compose(partial(position.shuffle, bufsize=cfg.shuffle_buffer))
     ds = ds.compose(position)
     decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
-                     short_side_range=cfg.short_side_range)
+                     short_side_range=cfg.short_side_range, max_image_pixels=cfg.max_image_pixels)
     return ds.map(decode, handler=warn_and_continue)
 
 
@@ -291,7 +274,8 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
             raise DataError(f"data.train: {err}") from None
     logger.info("data.train=%s: %d images", source.spec, len(source.files))
     return ImageFolderDataset(source.files, cfg.resolution, cfg.random_flip, root=source.root,
-                              short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb)
+                              short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb,
+                              max_image_pixels=cfg.max_image_pixels)
 
 
 class TrainLoader:
@@ -367,13 +351,14 @@ class TrainBatches:
     :func:`final_phase_data`) from a new :class:`TrainLoader` seeded ``seed + 1``.
 
     :meth:`state_dict` (``{"phase", "epoch", "batches_in_epoch"}``) and :meth:`load_state_dict`
-    make a run resumable in either phase. ``upscaled`` and ``skipped`` count, over both phases,
-    crops from images upscaled to the crop size and unusable images by reason.
+    make a run resumable in either phase. ``crops``, ``upscaled`` and ``skipped`` count, over both
+    phases, this process's training crops, those from images upscaled to the crop size, and
+    unusable images by reason.
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0):
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.phase, self.upscaled, self.skipped = 0, 0, SkipCounter()
+        self.phase, self.crops, self.upscaled, self.skipped = 0, 0, 0, SkipCounter()
         self.loader = TrainLoader(cfg, batch_size, seed)
         self._accelerator = None
 
@@ -390,6 +375,11 @@ class TrainBatches:
         self.loader = TrainLoader(data, batch_size, self.seed + phase, source=self.loader.source)
         if self._accelerator is not None:
             self.loader.prepare(self._accelerator)
+
+    @property
+    def resolution(self) -> int:
+        """The crop size of the current phase."""
+        return self.cfg.final_resolution if self.phase else self.cfg.resolution
 
     def prepare(self, accelerator) -> "TrainBatches":
         self._accelerator = accelerator
@@ -411,6 +401,7 @@ class TrainBatches:
             usable = self.loader.batches_in_epoch  # resumed mid-pass: the batches before it
             for batch in self.loader:
                 self.upscaled += int(batch["num_upscaled"])
+                self.crops += int(batch["pixel_values"].shape[0])
                 for reason, n in batch["skip_reasons"].items():
                     self.skipped.add(reason, n)
                 if batch["pixel_values"].shape[0]:

@@ -31,11 +31,11 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from kl_ae.data.images import DataError, SkipCounter, decode
+from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")  # multi-frame: the first frame
 SHARD_URL_PREFIXES = ("http://", "https://", "pipe:")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BUILTIN_SETS = {
@@ -48,12 +48,12 @@ _EXPECTED = ("expected an image folder, a shard pattern like 'shards/train-{0000
              "or builtin:train")
 
 
-def decode_shard_sample(sample: dict,
-                        draft_short_side: int | None = None) -> tuple[Image.Image | None, str | None]:
-    """Decode a webdataset sample's first member with an image extension."""
+def decode_shard_sample(sample: dict, draft_short_side: int | None = None,
+                        max_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, str | None]:
+    """Decode a webdataset sample's first member with an image extension (see decode)."""
     for key, value in sample.items():
         if not key.startswith("__") and key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-            return decode(value, draft_short_side)
+            return decode(value, draft_short_side, max_pixels)
     return None, "no_image_member"
 
 
@@ -230,20 +230,24 @@ def iter_images(spec: str | ImageSource, counter: SkipCounter | None = None) -> 
 
 
 def iter_indexed_images(spec: str | ImageSource, counter: SkipCounter | None = None, *, limit: int | None = None,
-                        shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, str, Image.Image]]:
+                        shard: tuple[int, int] = (0, 1), max_pixels: int = PILLOW_MAX_IMAGE_PIXELS,
+                        ) -> Iterator[tuple[int, str, Image.Image]]:
     """Like :func:`iter_images` with the position of each item in the fixed order, for
     multi-process evaluation: process ``shard = (index, count)`` decodes only items
     ``i % count == index`` among the first ``limit`` items, so ranks see disjoint sets that
-    together cover every item once. Undecodable items are counted by the rank that owns them."""
+    together cover every item once. Undecodable items are counted by the rank that owns them.
+    max_pixels: larger images are skipped as decompression_bomb (0: no limit; see decode)."""
     counter = counter if counter is not None else SkipCounter()
     index, count = shard
     source = image_source(spec)
     if source.shards:  # every sample once, in shard order, not split, not shuffled
         shards = wds.WebDataset(list(source.urls), shardshuffle=False, nodesplitter=None,
                                 workersplitter=None, empty_check=False, handler=warn_and_continue)
-        items: Iterable = ((s.get("__key__", "?"), partial(decode_shard_sample, s)) for s in shards)
+        items: Iterable = ((s.get("__key__", "?"), partial(decode_shard_sample, s, max_pixels=max_pixels))
+                           for s in shards)
     else:
-        items = ((f.relative_to(source.root).as_posix(), partial(decode, f)) for f in source.files)
+        items = ((f.relative_to(source.root).as_posix(), partial(decode, f, max_pixels=max_pixels))
+                 for f in source.files)
     for i, (name, load) in enumerate(items):
         if limit is not None and i >= limit:
             break

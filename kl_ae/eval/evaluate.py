@@ -45,6 +45,7 @@ from kl_ae.eval.metrics import SSIM_KERNEL_SIZE, image_metrics
 from kl_ae.model import downsampling_factor
 from kl_ae.perceptual import LPIPSWeightsError, build_lpips
 from kl_ae.eval.report import format_report
+from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS
 from kl_ae.data.sources import iter_indexed_images
 
 Reconstructor = Callable[[torch.Tensor], torch.Tensor]
@@ -143,11 +144,11 @@ class AutoencoderReconstructor:
 
 def _batches(
     images: str, resolution: int, batch_size: int, max_images: int | None, counter: SkipCounter,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] = (0, 1), max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS,
 ) -> Iterator[tuple[list[tuple[int, str]], torch.Tensor]]:
     """([(index, name)], (b, 3, R, R) in [-1, 1]) batches in the data module's deterministic
     order; with ``shard=(rank, world_size)`` only this rank's share of the first max_images."""
-    stream = iter_indexed_images(images, counter, limit=max_images, shard=shard)
+    stream = iter_indexed_images(images, counter, limit=max_images, shard=shard, max_pixels=max_image_pixels)
     while chunk := list(itertools.islice(stream, batch_size)):
         yield [(i, name) for i, name, _ in chunk], torch.stack(
             [eval_transform(img, resolution) for _, _, img in chunk]
@@ -282,6 +283,7 @@ def evaluate(
     latent: bool = True,
     rfid_weights: str | None = None,
     lpips_net: str = LPIPS_NET,
+    max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS,
 ) -> dict:
     """Reconstruction metrics and encode/decode throughput of ``vae`` on ``images``.
 
@@ -291,6 +293,7 @@ def evaluate(
     the source, decodable or not. latent: add the latent report (kl_ae.eval.latent) under "latent".
     rfid_weights: Inception weights for rFID (None: the default location; "none": skip); without
     them the report says "rfid_skipped" and gives no number. lpips_net: "vgg" or "alex".
+    max_image_pixels: larger images are skipped as decompression_bomb (data.max_image_pixels).
 
     images: a spec for ``kl_ae.data.sources.iter_images`` (folder, webdataset shards or 'builtin:val').
     The model is moved to ``device`` (default: CUDA if available, else CPU) in float32 and put
@@ -328,7 +331,7 @@ def evaluate(
         reconstructors["bicubic"] = lambda x: bicubic(x, f)
     counter = SkipCounter()
     total = math.ceil(max_images / batch_size) if max_images else None
-    batches = _batches(images, resolution, batch_size, max_images, counter, shard)
+    batches = _batches(images, resolution, batch_size, max_images, counter, shard, max_image_pixels)
     names, scores = score_reconstructors(reconstructors, batches, lpips, device, progress, total)
     if shard[1] > 1:
         names, scores, counter = _gather(names, scores, counter)
