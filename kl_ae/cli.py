@@ -64,7 +64,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _shards(args: argparse.Namespace) -> None:
     from kl_ae.data.shards import pack_shards
 
-    result = pack_shards(args.src, args.out, max_count=args.max_count)
+    result = pack_shards(args.src, args.out, max_count=args.max_count, max_image_pixels=args.max_image_pixels)
     print(json.dumps(result, indent=2))
     print(f"train on them with: --set data.train='{result['pattern']}'")
 
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder of images (searched recursively)")
     p.add_argument("out", help="output folder for shard-NNNNNN.tar")
     p.add_argument("--max-count", type=int, default=1000, help="images per shard")
+    p.add_argument("--max-image-pixels", type=int, default=89_478_485, metavar="N",
+                   help="skip larger images as decompression bombs (default: Pillow's limit; 0: none)")
     p.set_defaults(func=_shards)
     return parser
 

@@ -13,12 +13,14 @@ import helpers
 
 
 @pytest.fixture()
-def corpus(tmp_path, monkeypatch):
+def corpus(tmp_path):
     root = _make_folder(tmp_path / "corpus")  # good photos, every Pillow mode, EXIF, truncated, empty, text
     _photo(1, 1, 9).save(root / "one_pixel.png")  # usable: upscaled to the crop size
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
-    Image.new("RGB", (400, 400), (10, 20, 30)).save(root / "bomb.png")  # 160k px > 2x the limit
+    Image.new("RGB", (400, 400), (10, 20, 30)).save(root / "bomb.png")  # 160k px > 2x the limit LIMIT below
     return root
+
+
+LIMIT = "50000"  # data.max_image_pixels / --max-image-pixels of these tests
 
 
 def tiny(run_dir, data, val):
@@ -26,13 +28,13 @@ def tiny(run_dir, data, val):
             f"data.train={data}", f"data.val={val}", "data.resolution=32", "data.val_resolution=32",
             "data.num_workers=0", f"train.output_dir={run_dir}", "train.max_steps=3", "train.batch_size=4",
             "train.gradient_accumulation_steps=1", "train.mixed_precision=no", "train.scaling_images=4",
-            "train.tracker=none", "loss.perceptual_weight=0"]
+            "train.tracker=none", "loss.perceptual_weight=0", f"data.max_image_pixels={LIMIT}"]
     return [arg for item in sets for arg in ("--set", item)]
 
 
 def test_shards_train_eval_skip_and_count(corpus, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert main(["shards", str(corpus), str(out), "--max-count", "4"]) == 0
+    assert main(["shards", str(corpus), str(out), "--max-count", "4", "--max-image-pixels", LIMIT]) == 0
     packed = json.loads(capsys.readouterr().out.split("\ntrain on them")[0])
     assert packed["skipped"] == {"decompression_bomb": 1, "empty_file": 1, "not_an_image": 1, "truncated": 1}
     shards = sorted(out.glob("shard-*.tar"))
@@ -53,7 +55,7 @@ def test_shards_train_eval_skip_and_count(corpus, tmp_path, capsys):
 
     report_file = tmp_path / "m.json"
     assert main(["eval", str(run / "export"), str(corpus), "--out", str(report_file), "--resolution", "32",
-                 "--lpips-trunk", "none", "--rfid-weights", "none"]) == 0
+                 "--lpips-trunk", "none", "--rfid-weights", "none", "--max-image-pixels", LIMIT]) == 0
     report = json.loads(report_file.read_text())
     assert report["skipped"] == packed["skipped"]
     assert "decompression_bomb: 1" in capsys.readouterr().out

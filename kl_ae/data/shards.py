@@ -9,20 +9,21 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from kl_ae.data.sources import image_source, list_image_files, sample_key
-from kl_ae.data.images import DataError, SkipCounter, decode
+from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode
 
 logger = logging.getLogger(__name__)
 
 
 def pack_shards(src: str | Path, out_dir: str | Path, max_count: int = 1000,
-                max_size: int = 512 * 2**20) -> dict:
+                max_size: int = 512 * 2**20, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> dict:
     """Pack a folder / builtin set into ``out_dir/shard-000000.tar``, ... (webdataset).
 
     A sample holds the original file bytes under the lower-case extension (jpeg -> jpg) and
     ``__key__ = sample_key(relative path)``; images that do not decode are skipped and counted.
     A shard closes at ``max_count`` samples or ``max_size`` bytes. Returns ``{"pattern":
     "<out_dir>/shard-{000000..00000N}.tar", "num_shards", "num_samples", "skipped": {reason:
-    count}}``. Raises DataError if ``out_dir`` has shard-*.tar files or nothing decodes."""
+    count}}``. Images above ``max_image_pixels`` are skipped as decompression_bomb (0: no limit).
+    Raises DataError if ``out_dir`` has shard-*.tar files or nothing decodes."""
     source = image_source(src)
     root, files = source.root, list_image_files(source)  # DataError for shards
     out = Path(out_dir)
@@ -37,7 +38,7 @@ def pack_shards(src: str | Path, out_dir: str | Path, max_count: int = 1000,
                 data = path.read_bytes()
             except OSError:
                 data = None
-            img, reason = decode(data) if data is not None else (None, "unreadable")
+            img, reason = decode(data, max_pixels=max_image_pixels) if data is not None else (None, "unreadable")
             if img is None:
                 skipped.add(reason)
                 logger.warning("not packing %s: %s", name, reason)
