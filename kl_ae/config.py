@@ -331,7 +331,7 @@ _POSITIVE = {"model": ("latent_channels", "layers_per_block", "norm_num_groups")
 _NON_NEGATIVE = {"loss": ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start"),
                  "data": ("num_workers", "shuffle_buffer", "max_image_pixels"), "optim": ("max_grad_norm",), "train": ("seed",)}
 # empty would mean the current directory, or nothing the code can look up
-_NOT_BLANK = (("data", "train"), ("train", "output_dir"), ("loss", "lpips_trunk"), ("train", "tracker"))
+_NOT_BLANK = (("data", "train"), ("train", "output_dir"), ("loss", "lpips_trunk"))  # train.tracker: check_trackers
 
 
 def _check_ranges(cfg: Config) -> None:

@@ -90,7 +90,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("data.val=builtin:val|data.val_resolution=100", "data.val_resolution"),
     ("model.norm_num_groups=24", "model.norm_num_groups"), ("train.ema_decay=1.5", "train.ema_decay"),
     ("data.final_resolution=256|data.final_fraction=1.5", "data.final_fraction"), ("train.seed=-1", "train.seed"),
-    ("loss.lpips_trunk=", "loss.lpips_trunk"), ("train.tracker=", "train.tracker"),
+    ("loss.lpips_trunk=", "loss.lpips_trunk"), ("train.tracker=", "unknown tracker"),
     ("loss.disc_ramp_steps=-1", "loss.disc_ramp_steps"), ("optim.lr_final_ratio=2", "optim.lr_final_ratio"),
 ])
 def test_unusable_values_are_errors_naming_the_key(override, key):
