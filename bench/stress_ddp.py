@@ -65,7 +65,7 @@ def _dump(pid: int, file: Path) -> None:
             continue
         lines.append(f"=== pid {p}: {cmd}")
         if Path(py_spy).exists():
-            dump = subprocess.run([py_spy, "dump", "--pid", str(p)], capture_output=True, text=True, timeout=60)
+            dump = subprocess.run([py_spy, "dump", "--native", "--pid", str(p)], capture_output=True, text=True, timeout=60)
             lines.append(dump.stdout + dump.stderr)
     file.write_text("\n".join(lines))
 
@@ -123,7 +123,11 @@ def main() -> None:
                         code = proc.wait(timeout=a.timeout)
                     except subprocess.TimeoutExpired:
                         _dump(proc.pid, out / f"hang-{i:03d}.txt")
-                        os.killpg(proc.pid, signal.SIGKILL)
+                        for pid in _descendants(proc.pid):  # torch elastic starts ranks in sessions of their own
+                            try:
+                                os.kill(pid, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
                         proc.wait()
                         code = None
                 wall = time.monotonic() - t0

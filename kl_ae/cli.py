@@ -1,4 +1,4 @@
-"""``kl-ae`` command line: train, export, eval, shards. Each command parses and makes one library call."""
+"""``kl-ae`` command line: train, config, export, eval, bench, shards. Each command parses and makes one library call."""
 
 from __future__ import annotations
 
@@ -18,6 +18,19 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set or [])
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
+
+
+def _config(args: argparse.Namespace) -> None:
+    from kl_ae.config import find_config, load_config
+    from kl_ae.config_docs import describe, list_configs
+
+    if args.list:
+        print(list_configs(), end="")
+        return
+    cfg = load_config(args.config, args.set or [])
+    layers = ["defaults"] + ([str(find_config(args.config))] if args.config else []) + [f"--set {s}" for s in args.set or []]
+    print(describe(cfg, "kl-ae config: " + " + ".join(layers) + ". Train with it: save this output to a file "
+                        "and run kl-ae train FILE."), end="")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -117,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an autoencoder from a YAML config")
-    p.add_argument("config", nargs="?", default=None, help="YAML file overriding the defaults (configs/*.yaml)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML file overriding the defaults, or a shipped config's name (kl-ae config --list)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|DIR",
@@ -127,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="also print every logged step's figures (always in RUN/train.log)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="print the resolved config: every key with its value, type and documentation")
+    p.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name (default: none)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the shipped configs instead")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("export", help="write a run checkpoint in the diffusers AutoencoderKL layout")
     p.add_argument("run", help="run directory (its latest checkpoint) or checkpoint directory")

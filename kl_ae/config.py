@@ -375,17 +375,40 @@ def _check_final_phase(d: DataConfig, factor: int) -> None:
             f"data.final_resolution={d.final_resolution} <= lo <= hi, got {lohi}")
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (pyproject.toml)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that come with kl-ae, by name (file stem): {'quickstart': .../quickstart.yaml, ...}."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file: ``name_or_path`` itself when it is a file, else the shipped config of that
+    name ('quickstart', 'quickstart.yaml' and 'configs/quickstart.yaml' all name
+    kl_ae/configs/quickstart.yaml), so the shipped configs work from any directory. Raises
+    ConfigError listing the shipped names when it is neither."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if path.parent in (Path("."), Path("configs")) and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config {str(name_or_path)!r}: no such file, and not the name of a shipped config "
+                      f"({', '.join(shipped)}; list them with kl-ae config --list)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a Config from the defaults, a YAML file and ``dotted.key=value`` overrides.
+    """Build a Config from the defaults, a YAML file (or a shipped config's name, see
+    :func:`find_config`) and ``dotted.key=value`` overrides.
 
     Raises:
         ConfigError: missing/unreadable file, unknown key, wrong type or unusable value.
     """
     layers = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = find_config(path)
         try:
             layers.append(load_yaml(path.read_text()) or {})
         except yaml.YAMLError as err:

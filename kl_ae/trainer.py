@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -258,7 +259,19 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | No
         accelerator.init_trackers("kl-ae", config=flat_config(cfg), init_kwargs=init_kwargs(run_dir))
     try:
         return _loop(cfg, accelerator, models, ema, vae, batches, run_dir, state)
+    except BaseException as err:  # a stop by signal, a NaN stop, an error: _loop's frame holds them too
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
+        # The DDP wrappers go before the process group. Otherwise a wrapper's Reducer can hold
+        # the group's last reference, and freeing the wrapper destroys the group while holding
+        # the GIL. A gloo worker thread that is still releasing a finished collective's tensors
+        # needs the GIL, and the destructor waits for that thread: the process hangs at exit.
+        # It hung 1 launch in 5 under load (bench/stress_ddp.py; py-spy: ~ProcessGroupGloo
+        # joining a thread blocked in decref_pyobject). Freed first, the wrappers drop a
+        # reference that is not the last; destroy_process_group then drops the group.
+        del models, ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
+        accelerator.free_memory()
         accelerator.end_training()
 
 

@@ -70,7 +70,7 @@ def test_unusable_values_fail_before_building():
         load_config(None, ["data.resolution=100"])  # SD layout: factor 8
     with pytest.raises(ConfigError, match="disc_loss"):
         load_config(None, ["loss.disc_loss=wasserstein"])
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="no such file, and not the name of a shipped config"):
         load_config("no/such/file.yaml")
 
 
