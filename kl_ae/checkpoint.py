@@ -275,6 +275,10 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, ema, vae, conf
     accelerator.save_state(str(tmp))
     if ema is not None:
         save_ema(ema, list(vae.named_parameters()), tmp / EMA_WEIGHTS, write=accelerator.is_main_process)
+    # Every rank has written its files (Accelerate's save_state ends without a barrier: rank 1
+    # could still be writing random_states_1.pkl when the main process renamed the directory,
+    # bench/stress_ddp.py launch 52) before the checkpoint is completed and named latest.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CONFIG).write_text(config_yaml)
         finalize_checkpoint(tmp, ckpts / name, state.to_json())

@@ -15,9 +15,6 @@ import yaml
 
 from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS
 from kl_ae.parsing import ConfigError, apply, load_yaml, parse_override
-from kl_ae.precision import CHOICES as PRECISION_CHOICES
-from kl_ae.schedule import SCHEDULES as LR_SCHEDULES
-from kl_ae.tracking import check_trackers
 
 
 @dataclass
@@ -101,6 +98,53 @@ class LossConfig:
     """Strided conv layers of the PatchGAN discriminator (LDM: 3)."""
     disc_channels: int = 64
     """Filters of the discriminator's first layer (LDM: 64)."""
+    disc_r1_gamma: float = 0.0
+    """R1 gradient penalty on real images, gamma / 2 * E ||grad_x D(x)||^2 (Mescheder et al. 2018,
+    StyleGAN2's form; summed over pixels, mean over the batch), added to the discriminator loss
+    every step; 0: off. Costs a double backward through D."""
+    disc_lecam_weight: float = 0.0
+    """LeCam regularization of D (Tseng et al. 2021): weight of mean((D(x) - a_fake)^2) +
+    mean((D(x_hat) - a_real)^2), a_real / a_fake exponential moving averages (decay
+    disc_lecam_decay) of D's mean logits; 0: off."""
+    disc_lecam_decay: float = 0.99
+    """EMA decay of the LeCam anchors (Tseng et al.: 0.99)."""
+    eq_weight: float = 0.0
+    """EQ-VAE (Kouzelis et al. 2025): weight of the equivariance term: the decoder reconstructs
+    tau(x) from tau(z) for a random transform tau (eq_transforms), with the pixel loss (l1_weight,
+    l2_weight; no LPIPS) reduced as the NLL (sum over C*H*W, mean over the batch); 0: off. Costs
+    one more decoder pass on the transformed latent."""
+    eq_probability: float = 0.5
+    """Fraction of steps that add the equivariance term (drawn each step from the training RNG)."""
+    eq_transforms: list[str] = field(default_factory=lambda: ["scale", "rot90"])
+    """Transforms tau drawn from (uniformly): 'scale' (downscale latent and image by a factor
+    from eq_scales, bilinear with antialiasing) and 'rot90' (rotation by 90, 180 or 270 degrees)."""
+    eq_scales: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """Downscale factors of the 'scale' transform, in (0, 1); the latent side is rounded to an
+    integer (at least 1) and the image side follows it (latent side x downsampling factor)."""
+    latent_noise: float = 0.0
+    """Noise-robust decoding (sigma-VAE / l-DeTok): the decoder reconstructs from z + s * std(z) *
+    eps, eps ~ N(0, I), s drawn per image uniformly from [0, latent_noise] (std(z): the batch's
+    latent std, detached); logged as latent/noise_sigma. 0: off (LDM: the decoder sees z)."""
+    vf_weight: float = 0.0
+    """VA-VAE's VF loss (Yao et al. 2025, arXiv 2501.01423): weight of the alignment of the latent
+    to a frozen vision model's patch features (loss.vf_teacher); 0: off. See kl_ae/alignment.py."""
+    vf_teacher: str = ""
+    """The frozen teacher's weights: a local file (.safetensors, .pth, .bin) holding the state dict
+    of the timm model vf_teacher_arch (e.g. timm's vit_small_patch14_dinov2.lvd142m
+    model.safetensors); never downloaded. 'random': an untrained teacher for smoke runs and tests
+    only, logged as loss/vf_random_teacher, never loss/vf. Needs timm (pip install timm)."""
+    vf_teacher_arch: str = "vit_small_patch14_dinov2"
+    """timm architecture of the teacher (DINOv2 ViT-S/B/L/g: vit_{small,base,large,giant}_patch14_dinov2)."""
+    vf_teacher_resolution: int = 224
+    """Side the images are resized to for the teacher (a multiple of its patch size, 14 for DINOv2)."""
+    vf_margin_cos: float = 0.5
+    """Margin m1 of the marginal cosine-similarity term (VA-VAE's cos_margin: 0.5)."""
+    vf_margin_distmat: float = 0.25
+    """Margin m2 of the marginal distance-matrix term (VA-VAE's distmat_margin: 0.25)."""
+    vf_adaptive: bool = True
+    """Scale the VF term by ||grad nll|| / ||grad vf|| at the encoder's last layer (VA-VAE's
+    adaptive_vf), as the GAN term is scaled at the decoder's; costs a backward through the
+    decoder. False: vf_weight alone."""
 
 
 @dataclass
@@ -250,130 +294,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        """Check values that are well-typed but unusable. Raises ConfigError."""
-        m, d, loss, t = self.model, self.data, self.loss, self.train
-        _check_ranges(self)
-        if not m.block_out_channels or any(c <= 0 for c in m.block_out_channels):
-            raise ConfigError("model.block_out_channels must be a non-empty list of positive ints")
-        bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
-        if bad:
-            raise ConfigError(
-                f"model.norm_num_groups={m.norm_num_groups} does not divide model.block_out_channels {bad}"
-            )
-        f = m.downsampling_factor
-        if d.resolution <= 0 or d.resolution % f:
-            raise ConfigError(
-                f"data.resolution={d.resolution} is not divisible by the downsampling factor {f} "
-                f"(2**(len(model.block_out_channels)-1)); use a multiple of {f}"
-            )
-        if d.short_side_range and (len(d.short_side_range) != 2 or not
-                                   d.resolution <= d.short_side_range[0] <= d.short_side_range[1]):
-            raise ConfigError(
-                f"data.short_side_range must be [lo, hi] with data.resolution <= lo <= hi, got {d.short_side_range}"
-            )
-        _check_final_phase(d, f)
-        # model.init_from's files are checked by check_init_from when a run starts, not here:
-        # validating reads no disk, so a run's saved config.yaml reloads after its VAE has moved
-        if m.init_config and not m.init_from:
-            raise ConfigError("model.init_config describes a single-file model.init_from; set model.init_from too")
-        if not m.train_encoder and not m.init_from:
-            raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
-        if loss.disc_loss not in ("hinge", "vanilla"):
-            raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
-        if t.mixed_precision not in PRECISION_CHOICES:
-            raise ConfigError(f"train.mixed_precision must be one of {PRECISION_CHOICES}, got {t.mixed_precision!r}")
-        o = self.optim
-        if o.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"optim.lr_schedule must be one of {LR_SCHEDULES}, got {o.lr_schedule!r}")
-        if not 0.0 <= o.lr_final_ratio <= 1.0:
-            raise ConfigError(f"optim.lr_final_ratio must be in [0, 1], got {o.lr_final_ratio}")
-        for key in ("betas", "disc_betas"):
-            b = getattr(o, key)
-            if len(b) != 2 or not all(0.0 <= v < 1.0 for v in b):
-                raise ConfigError(f"optim.{key} must be two numbers in [0, 1), got {b}")
-        if o.weight_decay < 0 or o.lr_warmup_steps < 0:
-            raise ConfigError("optim.weight_decay and optim.lr_warmup_steps must be >= 0")
-        if loss.l1_weight < 0 or loss.l2_weight < 0 or loss.l1_weight + loss.l2_weight == 0:
-            raise ConfigError(f"loss.l1_weight={loss.l1_weight} and loss.l2_weight={loss.l2_weight} must be "
-                              ">= 0 and not both 0 (the autoencoder needs a pixel term)")
-        if d.decode_cache_mb < 0:
-            raise ConfigError(f"data.decode_cache_mb must be >= 0 (0: no cache), got {d.decode_cache_mb}")
-        if loss.disc_ramp_steps < 0:
-            raise ConfigError(f"loss.disc_ramp_steps must be >= 0, got {loss.disc_ramp_steps}")
-        if t.max_minutes < 0 or t.checkpoint_every_minutes < 0:
-            raise ConfigError("train.max_minutes and train.checkpoint_every_minutes must be >= 0 (0: off)")
-        if t.keep_last < 0 or t.eval_every < 0:
-            raise ConfigError("train.keep_last and train.eval_every must be >= 0")
-        if t.eval_every and not d.val:
-            raise ConfigError("train.eval_every needs data.val (images to evaluate on)")
-        if d.val:
-            from kl_ae.eval.metrics import SSIM_KERNEL_SIZE
+        """Check values that are well-typed but unusable (kl_ae/config_checks.py). Raises ConfigError."""
+        from kl_ae.config_checks import check_config
 
-            if d.val_resolution % f or d.val_resolution < SSIM_KERNEL_SIZE:
-                raise ConfigError(f"data.val_resolution={d.val_resolution} must be a multiple of the downsampling "
-                                  f"factor {f} and at least {SSIM_KERNEL_SIZE} (the SSIM window)")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if self.optim.implementation not in ADAM_IMPLEMENTATIONS:
-            raise ConfigError(f"optim.implementation must be one of {ADAM_IMPLEMENTATIONS}, "
-                              f"got {self.optim.implementation!r}")
-        check_trackers(t.tracker)
-
-
-ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
-
-# Value ranges checked by key (Config.validate); the message names the key.
-_POSITIVE = {"model": ("latent_channels", "layers_per_block", "norm_num_groups"),
-             "loss": ("disc_num_layers", "disc_channels"), "data": ("val_resolution",),
-             "optim": ("base_learning_rate",),
-             "train": ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "image_every",
-                       "checkpoint_every", "max_nonfinite_steps", "scaling_images")}
-_NON_NEGATIVE = {"loss": ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start"),
-                 "data": ("num_workers", "shuffle_buffer", "max_image_pixels"), "optim": ("max_grad_norm",), "train": ("seed",)}
-# empty would mean the current directory, or nothing the code can look up
-_NOT_BLANK = (("data", "train"), ("train", "output_dir"), ("loss", "lpips_trunk"))  # train.tracker: check_trackers
-
-
-def _check_ranges(cfg: Config) -> None:
-    """Positive counts, non-negative weights, no blank paths: the ConfigError names the key."""
-    for section, keys in _POSITIVE.items():
-        for key in keys:
-            value = getattr(getattr(cfg, section), key)
-            if value <= 0:
-                raise ConfigError(f"{section}.{key} must be positive, got {value}")
-    for section, keys in _NON_NEGATIVE.items():
-        for key in keys:
-            value = getattr(getattr(cfg, section), key)
-            if value < 0:
-                raise ConfigError(f"{section}.{key} must be >= 0, got {value}")
-    for section, key in _NOT_BLANK:
-        if not str(getattr(getattr(cfg, section), key)).strip():
-            raise ConfigError(f"{section}.{key} is empty (an unset shell variable?); name a value (an empty "
-                              "path would mean the current directory)")
-    if cfg.data.val and not cfg.data.val.strip():
-        raise ConfigError("data.val is blank; leave it empty for no evaluation or name the images")
-
-
-def _check_final_phase(d: DataConfig, factor: int) -> None:
-    """The resolution schedule's fields (data.final_*): both or neither of final_resolution and
-    final_fraction, a crop size the model can take, a short-side range that allows it."""
-    if not d.final_resolution and not d.final_fraction:
-        return
-    if not 0.0 < d.final_fraction < 1.0 or d.final_resolution <= 0:
-        raise ConfigError(
-            f"data.final_resolution={d.final_resolution} and data.final_fraction={d.final_fraction}: a "
-            "resolution schedule needs both, final_resolution > 0 and 0 < final_fraction < 1 (0 and 0: none)")
-    if d.final_resolution % factor:
-        raise ConfigError(f"data.final_resolution={d.final_resolution} is not divisible by the downsampling "
-                          f"factor {factor}; use a multiple of {factor}")
-    if d.final_batch_size < 0:
-        raise ConfigError(f"data.final_batch_size must be >= 0 (0: same pixels per batch), got {d.final_batch_size}")
-    lohi = d.final_short_side_range or d.short_side_range
-    if lohi and (len(lohi) != 2 or not d.final_resolution <= lohi[0] <= lohi[1]):
-        raise ConfigError(
-            f"data.final_short_side_range (or data.short_side_range when it is empty) must be [lo, hi] with "
-            f"data.final_resolution={d.final_resolution} <= lo <= hi, got {lohi}")
-
+        check_config(self)
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (pyproject.toml)
 

@@ -42,12 +42,20 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+WORKER_GRACE_S = 60  # a data worker that got SIGTERM exits after this long at the latest
+
+
 def ignore_in_worker(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: data workers ignore SIGINT and SIGTERM, so a Ctrl-C sent to
-    the whole process group (or a SIGTERM to every process) leaves them serving the batch the
-    main process finishes its step with; the main process shuts them down when it exits."""
-    for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: a data worker ignores SIGINT and outlives a SIGTERM by up to
+    WORKER_GRACE_S seconds, so a Ctrl-C sent to the whole process group (or SLURM's SIGTERM to
+    every process) leaves it serving the batch the main process finishes its step with; the main
+    process shuts it down when the run ends (kl_ae.data.loaders.TrainBatches.close). The grace
+    ends in a normal exit (code 0): a worker killed by a signal would make torch raise in the
+    main process mid-step, and one that never ended would stall multiprocessing's exit, which
+    terminates daemonic children with SIGTERM and joins them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_GRACE_S))
 
 
 class StopSignals:

@@ -10,13 +10,10 @@ checkpoints/step-NNNNNNN/ + checkpoints/latest, export/ (diffusers layout) and e
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
-import shutil
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,8 +28,6 @@ from kl_ae.config import Config, config_yaml, save_config
 from kl_ae.data.images import shuffle_channels
 from kl_ae.data.loaders import TrainBatches
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
-from kl_ae.eval.grids import pair_grid, save_grid
-from kl_ae.export import LATENT_STATS, latent_factors_for, save_export
 from kl_ae.model import (
     RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, check_resume, count_parameters,
     load_or_build_autoencoder,
@@ -40,13 +35,14 @@ from kl_ae.model import (
 from kl_ae.data.images import DataError
 from kl_ae.data.sources import image_source
 from kl_ae.interrupt import StopSignals, TrainingInterrupted, signal_name
+from kl_ae.run_outputs import finish_run, periodic_eval, save_sample_grid
 from kl_ae.monitor import EvaluationFailed, RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.parsing import ConfigError
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
 from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
-from kl_ae.tracking import flat_config, init_kwargs, log_images, tracker_names
+from kl_ae.tracking import flat_config, init_kwargs, tracker_names
 
 logger = logging.getLogger("kl_ae")
 
@@ -87,13 +83,6 @@ def _remove_run_log(handler: logging.Handler | None) -> None:
         for name in _RUN_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
-
-
-def _save_grid(accelerator: Accelerator, run_dir: Path, x: torch.Tensor, rec: torch.Tensor, step: int) -> None:
-    """Save and log an input | reconstruction grid of up to 4 images (main process)."""
-    grid = pair_grid(x, rec)
-    save_grid(grid, run_dir / "samples" / f"{ckpt_io.checkpoint_name(step)}.png")
-    log_images(accelerator, {"samples/input_reconstruction": grid}, step)
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -216,6 +205,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     try:
         eval_error = _train(cfg, accelerator, run_dir, ckpt, batches, perceptual, perceptual_name)
     finally:
+        batches.close()  # the data workers go now, whatever ended the run
         _remove_run_log(handler)
     if eval_error:
         raise EvaluationFailed(f"trained and exported to {run_dir / 'export'}, but the evaluation on "
@@ -347,9 +337,9 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
                 break
             with clock.pause():
                 if accelerator.is_main_process and (step % t.image_every == 0 or step == t.max_steps):
-                    _save_grid(accelerator, run_dir, x, rec, step)
+                    save_sample_grid(accelerator, run_dir, x, rec, step)
                 if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-                    _periodic_eval(cfg, accelerator, vae, ema, step)
+                    periodic_eval(cfg, accelerator, vae, ema, step)
             if step % t.checkpoint_every == 0 or seconds >= next_mark:
                 checkpoint(seconds)
                 last_saved = step
@@ -375,7 +365,7 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
                                   f"resume with: kl-ae train {config_file} --resume latest")
     if accelerator.is_fsdp2:  # every rank gathers its shards; the main process exports a plain copy
         vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
-    eval_error = _finish(cfg, run_dir, vae, ema, state.step) if accelerator.is_main_process else None
+    eval_error = finish_run(cfg, run_dir, vae, ema, state.step) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return eval_error
 
@@ -389,70 +379,3 @@ def _synced_seconds(accelerator: Accelerator, clock: TrainingClock) -> float:
 
     seconds = torch.tensor([clock.seconds()], dtype=torch.float64, device=accelerator.device)
     return float(broadcast(seconds, from_process=0).item())
-
-
-@contextmanager
-def _ema_weights(vae, ema: EMAModel | None):
-    """Swap the EMA weights into ``vae`` for the duration (no-op without EMA)."""
-    if ema is None:
-        yield vae
-        return
-    ema.store(vae.parameters())
-    ema.copy_to(vae.parameters())
-    try:
-        yield vae
-    finally:
-        ema.restore(vae.parameters())
-
-
-def _periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | None, step: int) -> None:
-    """PSNR/SSIM of the (EMA) autoencoder on data.val, logged as val/*; main process only. A
-    failure is logged as a warning and training goes on."""
-    if accelerator.is_fsdp2:  # every rank gathers its shards; the main process evaluates a plain copy
-        vae, ema = unsharded_autoencoder(vae, ema, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        from kl_ae.eval.evaluate import evaluate
-
-        try:
-            with _ema_weights(vae, ema):
-                report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution, lpips_trunk=None,
-                                  progress=False, latent=False, max_image_pixels=cfg.data.max_image_pixels)
-        except Exception as err:  # noqa: BLE001 (an evaluation must not end the training)
-            logger.warning("evaluation at step %d on data.val=%r failed, training goes on: %s: %s", step,
-                           cfg.data.val, type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
-        else:
-            metrics = {f"val/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
-            accelerator.log(metrics, step=step)
-            logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        vae.train()
-    accelerator.wait_for_everyone()
-
-
-def _finish(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> str | None:
-    """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val.
-    Returns why the evaluation failed (logged with its traceback), or None."""
-    with _ema_weights(vae, ema):
-        factors = latent_factors_for(vae, cfg, cfg.data.train)
-        export_dir = run_dir / "export"
-        shutil.rmtree(export_dir, ignore_errors=True)
-        save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
-        # kl-ae export of this checkpoint reuses them (and never reads a received run's data.train)
-        final_checkpoint = run_dir / "checkpoints" / ckpt_io.checkpoint_name(step)
-        if final_checkpoint.is_dir():
-            shutil.copyfile(export_dir / LATENT_STATS, final_checkpoint / LATENT_STATS)
-        if not cfg.data.val:
-            return None
-        from kl_ae.eval.evaluate import evaluate
-        from kl_ae.eval.report import format_report
-
-        try:
-            report = evaluate(vae, cfg.data.val, resolution=cfg.data.val_resolution,
-                              lpips_trunk=cfg.loss.lpips_trunk, baselines=True,
-                              max_image_pixels=cfg.data.max_image_pixels)
-        except Exception as err:  # noqa: BLE001 (the checkpoint and export are written: report, keep them)
-            logger.error("evaluation on data.val=%r failed (the checkpoint and export are kept; evaluate again "
-                         "with kl-ae eval %s IMAGES)", cfg.data.val, export_dir, exc_info=True)
-            return f"{type(err).__name__}: {err}"
-        (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
-        logger.info("evaluation on %s (%s):\n%s", cfg.data.val, run_dir / "eval.json", format_report(report))
-    return None

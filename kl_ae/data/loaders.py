@@ -322,6 +322,16 @@ class TrainLoader:
         self._processes = accelerator.num_processes
         return self
 
+    def close(self) -> None:
+        """Stop the DataLoader's workers now, not when an exception's frames let go of their
+        iterator (kl_ae.interrupt: they outlive SIGTERM). torch has no public call for it: this
+        shuts down the loader's kept iterator (DataLoader._iterator)."""
+        loader = getattr(self._loader, "base_dataloader", self._loader)  # Accelerate's DataLoaderShard wraps one
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
@@ -360,6 +370,7 @@ class TrainBatches:
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.phase, self.crops, self.upscaled, self.skipped = 0, 0, 0, SkipCounter()
         self.loader = TrainLoader(cfg, batch_size, seed)
+        self._loaders = [self.loader]  # every phase's, for close()
         self._accelerator = None
 
     def _enter_phase(self, phase: int) -> None:
@@ -373,6 +384,7 @@ class TrainBatches:
         # The first phase's workers stay alive until the run ends (persistent workers, each with
         # its decode cache): a DataLoader has no public way to stop them early.
         self.loader = TrainLoader(data, batch_size, self.seed + phase, source=self.loader.source)
+        self._loaders.append(self.loader)
         if self._accelerator is not None:
             self.loader.prepare(self._accelerator)
 
@@ -385,6 +397,11 @@ class TrainBatches:
         self._accelerator = accelerator
         self.loader.prepare(accelerator)
         return self
+
+    def close(self) -> None:
+        """Stop every phase's DataLoader workers (TrainLoader.close); the run is over."""
+        for loader in self._loaders:
+            loader.close()
 
     def state_dict(self) -> dict:
         return {"phase": self.phase, **self.loader.state_dict()}
