@@ -83,12 +83,15 @@ def build_teacher(arch: str, weights: str, resolution: int) -> tuple[Teacher, st
         raise ConfigError(f"loss.vf_teacher_arch={arch!r}: {err}") from None
     if weights != RANDOM:
         state = _read_state(Path(weights))
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("head")]
-        if missing or result.unexpected_keys:
-            raise ConfigError(f"loss.vf_teacher={weights!r} does not hold {arch}'s weights: {len(missing)} missing "
-                              f"(e.g. {missing[:2]}), {len(result.unexpected_keys)} unexpected (e.g. "
-                              f"{result.unexpected_keys[:2]}); check loss.vf_teacher_arch")
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state and not k.startswith("head")]
+        unexpected = [k for k in state if k not in expected and not k.startswith("head")]
+        wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise ConfigError(f"loss.vf_teacher={weights!r} does not hold {arch}'s weights: {len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(wrong)} of another shape (e.g. "
+                              f"{(missing + unexpected + wrong)[:2]}); check loss.vf_teacher_arch")
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     teacher = Teacher(model, resolution)
     if resolution % teacher.patch:
         raise ConfigError(f"loss.vf_teacher_resolution={resolution} is not a multiple of {arch}'s patch size "

@@ -8,6 +8,7 @@ under Accelerate and every gradient is synchronised across processes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,17 +153,39 @@ def freeze_encoder(vae: AutoencoderKL) -> None:
         vae.quant_conv.requires_grad_(False)
 
 
+@dataclass
+class AutoencoderOutput:
+    """One training forward. reconstruction: (B, 3, H, W); posterior: q(z|x) over (B, c, h, w);
+    z: its sample; noise_strength: (B,) per-image latent-noise strength (loss.latent_noise), or
+    None; projection: (B, D, h, w) the VF projection of z, or None; eq_reconstruction: decode of
+    the EQ-transformed z, or None."""
+
+    reconstruction: torch.Tensor
+    posterior: DiagonalGaussianDistribution
+    z: torch.Tensor
+    noise_strength: torch.Tensor | None = None
+    projection: torch.Tensor | None = None
+    eq_reconstruction: torch.Tensor | None = None
+
+
 class AutoencoderWrapper(nn.Module):
-    """Training view of an ``AutoencoderKL``: ``forward(x) -> (reconstruction, posterior)``.
+    """Training view of an ``AutoencoderKL``: ``forward(x, eq) -> AutoencoderOutput``.
 
     diffusers' own ``AutoencoderKL.forward`` decodes the posterior mode unless asked otherwise;
     training needs a sample z = mu + sigma * eps (LDM ``AutoencoderKL.forward(sample_posterior=True)``).
-    Also holds the scalar NLL log-variance of the LDM loss, so it is synchronised with the model.
+    Also holds the scalar NLL log-variance of the LDM loss and, with the VF term on, the 1x1
+    projection of z to the teacher's width (VA-VAE), so both are synchronised with the model and
+    kept in checkpoints (not in exports). Every decoder pass of a step happens in this one
+    forward, as DDP needs: the reconstruction (from z plus latent noise when latent_noise > 0,
+    kl_ae.regularizers.noisy_latent) and the EQ-VAE one of ``eq``'s transform of z.
     """
 
-    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False):
+    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False,
+                 latent_noise: float = 0.0, vf_dim: int = 0):
         super().__init__()
         self.vae = vae
+        self.latent_noise = latent_noise
+        self.vf_projection = nn.Conv2d(vae.config.latent_channels, vf_dim, 1) if vf_dim else None
         # LDM keeps this parameter out of the optimizer, so it stays at its initial value;
         # learn_logvar=True trains it (SGM's learn_logvar). A fixed one is a buffer (same state-dict
         # key): FSDP2's fully_shard rejects 0-dim parameters.
@@ -172,13 +195,21 @@ class AutoencoderWrapper(nn.Module):
         else:
             self.register_buffer("logvar", logvar)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
-        """x: (B, 3, H, W) float in [-1, 1] -> reconstruction (B, 3, H, W), posterior over
-        latents (B, latent_channels, H/f, W/f)."""
+    def forward(self, x: torch.Tensor, eq=None) -> AutoencoderOutput:
+        """x: (B, 3, H, W) float in [-1, 1]; eq: a kl_ae.regularizers.EqTransform or None."""
+        from kl_ae.regularizers import noisy_latent
+
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample()
-        reconstruction = self.vae.decode(z).sample
-        return reconstruction, posterior
+        decoded, strength = z, None
+        if self.training and self.latent_noise > 0:
+            decoded, strength = noisy_latent(z, self.latent_noise)
+        out = AutoencoderOutput(self.vae.decode(decoded).sample, posterior, z, strength)
+        if self.vf_projection is not None:
+            out.projection = self.vf_projection(z)
+        if eq is not None:
+            out.eq_reconstruction = self.vae.decode(eq.latent(z)).sample
+        return out
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -194,9 +225,12 @@ class DiscriminatorWrapper(nn.Module):
     real and the fake batch and stays legal under DDP.
     """
 
-    def __init__(self, discriminator: PatchDiscriminator):
+    def __init__(self, discriminator: PatchDiscriminator, lecam: bool = False):
         super().__init__()
         self.discriminator = discriminator
+        if lecam:  # LeCam's anchors (loss.disc_lecam_weight): moving averages of D's mean logits
+            self.register_buffer("lecam_real", torch.zeros(()))
+            self.register_buffer("lecam_fake", torch.zeros(()))
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.discriminator(real), self.discriminator(fake)
@@ -204,7 +238,8 @@ class DiscriminatorWrapper(nn.Module):
 
 def build_discriminator(cfg: LossConfig) -> DiscriminatorWrapper:
     return DiscriminatorWrapper(
-        PatchDiscriminator(in_channels=3, channels=cfg.disc_channels, num_layers=cfg.disc_num_layers)
+        PatchDiscriminator(in_channels=3, channels=cfg.disc_channels, num_layers=cfg.disc_num_layers),
+        lecam=cfg.disc_lecam_weight > 0,
     )
 
 
@@ -230,9 +265,11 @@ def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
 RUN_CONFIG = CONFIG  # a run directory's resolved config, written before step 0 (each checkpoint has its own)
 
 # What a resumed run must share with its checkpoint: the keys that shape the saved models and
-# optimizer states (the autoencoder, the trainable set, the discriminator).
+# optimizer states (the autoencoder, the trainable set, the discriminator, the VF projection and
+# the LeCam anchors: whether those terms are on, not their weights).
 RESUME_KEYS = tuple(f"model.{k}" for k in _INIT_FROM_KEYS) + (
-    "model.train_encoder", "loss.learn_logvar", "loss.disc_num_layers", "loss.disc_channels")
+    "model.train_encoder", "loss.learn_logvar", "loss.disc_num_layers", "loss.disc_channels",
+    "loss.vf_weight > 0", "loss.vf_teacher_arch", "loss.disc_lecam_weight > 0")
 
 
 def checkpoint_config(checkpoint: str | Path) -> Config:
@@ -251,8 +288,13 @@ def check_resume(cfg: Config, checkpoint: Path) -> None:
     trained = checkpoint_config(checkpoint)
 
     def value(c: Config, key: str):
-        section, name = key.split(".")
-        return getattr(getattr(c, section), name)
+        section, name = key.split(" ")[0].split(".")
+        v = getattr(getattr(c, section), name)
+        if key.endswith(" > 0"):
+            return v > 0
+        if key == "loss.vf_teacher_arch":  # shapes the projection only while the term is on
+            return v if c.loss.vf_weight > 0 else None
+        return v
 
     diff = [f"{k}: checkpoint {value(trained, k)!r}, this run {value(cfg, k)!r}" for k in RESUME_KEYS
             if value(trained, k) != value(cfg, k)]

@@ -14,10 +14,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from kl_ae import losses
+from kl_ae import alignment, losses, regularizers
 from kl_ae.checkpoint import full_tensor
 from kl_ae.config import LossConfig
 from kl_ae.distributed import gathered
+from kl_ae.model import downsampling_factor
 
 
 @dataclass
@@ -32,6 +33,8 @@ class StepModels:
     sched_disc: object
     perceptual: nn.Module | None
     perceptual_name: str  # "lpips" or "lpips_random_trunk"
+    teacher: nn.Module | None = None  # the VF term's frozen vision model (kl_ae.alignment.Teacher)
+    teacher_name: str = "vf"  # "vf" or "vf_random_teacher"
 
 
 def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, optimizer, scheduler,
@@ -73,6 +76,29 @@ def _generator_logits(accelerator: Accelerator, m: StepModels, reconstruction: t
     return logits
 
 
+def _vf_term(accelerator: Accelerator, m: StepModels, ae, x: torch.Tensor, forward, reconstruction: torch.Tensor,
+             terms: dict, cfg: LossConfig, grads: dict | None, out: dict) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """VA-VAE's VF loss of this batch and its weight: loss.vf_weight, times with loss.vf_adaptive
+    ||grad nll|| / ||grad vf|| at the encoder's last layer (kl_ae.alignment). The NLL's gradient
+    there is chained from its gradient w.r.t. the reconstruction when the GAN step computed it,
+    else taken through LPIPS and the decoder (one extra backward)."""
+    with accelerator.autocast():
+        features = m.teacher(x)  # frozen, no graph
+    vf = alignment.vf_loss(forward.projection.float(), features, cfg.vf_margin_cos, cfg.vf_margin_distmat)
+    if not cfg.vf_adaptive:
+        return vf, cfg.vf_weight
+    encoder_last = ae.vae.encoder.conv_out.weight
+    if grads is not None:
+        (nll_grad,) = torch.autograd.grad(reconstruction, encoder_last, grad_outputs=grads["nll"][0],
+                                          retain_graph=True)
+    else:
+        (nll_grad,) = torch.autograd.grad(terms["nll"].value, encoder_last, retain_graph=True)
+    (vf_grad,) = torch.autograd.grad(vf, encoder_last, retain_graph=True)
+    adaptive = alignment.adaptive_vf_weight(nll_grad, vf_grad)
+    out["loss/vf_adaptive_weight"] = adaptive
+    return vf, cfg.vf_weight * adaptive
+
+
 def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, step: int,
                      cfg: LossConfig, max_grad_norm: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Reconstruct, compute the named loss terms (+ the adaptive GAN term after disc_start), update.
@@ -84,12 +110,21 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     ``losses.surrogate`` of the same terms (same gradient, LPIPS and D traversed once).
     """
     ae = accelerator.unwrap_model(m.autoencoder)
+    eq = (regularizers.draw_eq_transform(cfg.eq_transforms, cfg.eq_scales, cfg.eq_probability)
+          if cfg.eq_weight > 0 else None)
     with accelerator.autocast():
-        reconstruction, posterior = m.autoencoder(x)
-    reconstruction = reconstruction.float()
+        forward = m.autoencoder(x, eq)
+    reconstruction, posterior = forward.reconstruction.float(), forward.posterior
     terms, parts = losses.autoencoder_terms(x, reconstruction, posterior, ae.logvar, cfg, m.perceptual)
-    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor, cfg.disc_ramp_steps)
     out, surrogate = {}, None
+    if cfg.eq_weight > 0:  # every step logs loss/eq (0 without a transform): the same keys on every rank
+        terms["eq"] = losses.Term(reconstruction.new_zeros(()) if eq is None else regularizers.equivariance_loss(
+            eq.image(x, downsampling_factor(ae.vae)), forward.eq_reconstruction.float(), cfg.l1_weight,
+            cfg.l2_weight), cfg.eq_weight)
+    if forward.noise_strength is not None:
+        out["latent/noise_strength"] = forward.noise_strength.mean()
+    disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor, cfg.disc_ramp_steps)
+    grads = None
     if disc_factor > 0:
         last_layer = ae.last_layer  # before any backward: under FSDP2 that swaps in the sharded parameter
         terms["g"] = losses.Term(losses.generator_loss(_generator_logits(accelerator, m, reconstruction)),
@@ -100,6 +135,11 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
                                                      cfg.disc_weight)
         terms["g"].weight = d_weight * disc_factor
         out.update({"disc/adaptive_weight": d_weight, "disc/factor": torch.tensor(disc_factor, device=x.device)})
+    if m.teacher is not None:
+        vf, weight = _vf_term(accelerator, m, ae, x, forward, reconstruction, terms, cfg,
+                              grads if disc_factor > 0 else None, out)
+        terms[m.teacher_name] = losses.Term(vf, weight)
+    if disc_factor > 0:
         surrogate = losses.surrogate(terms, reconstruction, ae.logvar, grads)  # total's gradient, LPIPS and D once
     loss = losses.total(terms)  # what is logged, and backpropagated when there is no surrogate
     norm = _update(accelerator, loss if surrogate is None else surrogate, m.autoencoder, m.opt_ae, m.sched_ae,
@@ -121,20 +161,36 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
 def discriminator_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor,
                        reconstruction: torch.Tensor, step: int, cfg: LossConfig,
                        max_grad_norm: float = 0.0) -> dict:
-    """Update D on real ``x`` and the detached ``reconstruction`` (no gradient reaches the AE).
+    """Update D on real ``x`` and the detached ``reconstruction`` (no gradient reaches the AE),
+    with the R1 penalty (loss.disc_r1_gamma) and LeCam regularization (loss.disc_lecam_weight)
+    when on (kl_ae.regularizers), both scaled by the adversarial factor like the loss.
 
     Skipped (empty dict) before disc_start, as LDM's disc_factor = 0 makes that update a no-op.
     """
     disc_factor = losses.disc_factor_at(step, cfg.disc_start, cfg.disc_factor, cfg.disc_ramp_steps)
     if disc_factor <= 0:
         return {}
+    real = x.detach().requires_grad_(True) if cfg.disc_r1_gamma > 0 else x
     with accelerator.autocast():
-        logits_real, logits_fake = m.discriminator(x, reconstruction.detach())
+        logits_real, logits_fake = m.discriminator(real, reconstruction.detach())
     logits_real, logits_fake = logits_real.float(), logits_fake.float()
-    d_loss = disc_factor * losses.discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
+    d_loss = losses.discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
+    out = {}
+    if cfg.disc_r1_gamma > 0:
+        r1 = regularizers.r1_penalty(logits_real, real, cfg.disc_r1_gamma)
+        d_loss = d_loss + r1
+        out["disc/r1"] = r1.detach()
+    if cfg.disc_lecam_weight > 0:
+        wrapper = accelerator.unwrap_model(m.discriminator)
+        lecam = regularizers.lecam_loss(logits_real, logits_fake, wrapper.lecam_real, wrapper.lecam_fake)
+        d_loss = d_loss + cfg.disc_lecam_weight * lecam
+        out["disc/lecam"] = lecam.detach()
+        regularizers.update_anchor(wrapper.lecam_real, logits_real, cfg.disc_lecam_decay)
+        regularizers.update_anchor(wrapper.lecam_fake, logits_fake, cfg.disc_lecam_decay)
+    d_loss = disc_factor * d_loss
     norm = _update(accelerator, d_loss, m.discriminator, m.opt_disc, m.sched_disc, max_grad_norm)
-    out = {"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
-           "disc/logits_fake": logits_fake.detach().mean()}
+    out.update({"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
+                "disc/logits_fake": logits_fake.detach().mean()})
     if norm is not None:
         out["optim/disc_grad_norm"] = norm
     return out

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from kl_ae.interrupt import StopSignals, TrainingInterrupted, signal_name
 from kl_ae.run_outputs import finish_run, periodic_eval, save_sample_grid
 from kl_ae.monitor import EvaluationFailed, RunCounters, check_finite, check_replicas, log_data_summary, log_metrics
 from kl_ae.parsing import ConfigError
+from kl_ae.alignment import build_teacher
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import resolve_mixed_precision
 from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
@@ -101,12 +103,26 @@ def _checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
     return ckpt_io.resolve_checkpoint(resume, run_dir)
 
 
-def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: str):
-    """Models, optimizers and schedulers, before Accelerate's prepare (LPIPS is built at start-up)."""
-    if perceptual is not None:
-        perceptual.to(accelerator.device)
+@dataclass
+class _Frozen:
+    """The frozen networks of the loss, built at start-up: LPIPS and the VF teacher, with the
+    names their terms are logged under."""
+
+    perceptual: torch.nn.Module | None = None
+    perceptual_name: str = "lpips"
+    teacher: torch.nn.Module | None = None
+    teacher_name: str = "vf"
+
+
+def _build(cfg: Config, accelerator: Accelerator, frozen: _Frozen):
+    """Models, optimizers and schedulers, before Accelerate's prepare."""
+    for net in (frozen.perceptual, frozen.teacher):
+        if net is not None:
+            net.to(accelerator.device)
+    perceptual, perceptual_name = frozen.perceptual, frozen.perceptual_name
     vae = load_or_build_autoencoder(cfg.model)
-    ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar)
+    ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar, latent_noise=cfg.loss.latent_noise,
+                            vf_dim=frozen.teacher.dim if frozen.teacher is not None else 0)
     disc = build_discriminator(cfg.loss)
     lr = scaled_learning_rate(cfg, accelerator.num_processes)
     if cfg.train.gradient_checkpointing:
@@ -126,10 +142,11 @@ def _build(cfg: Config, accelerator: Accelerator, perceptual, perceptual_name: s
                                             o.lr_final_ratio) for opt in (opt_ae, opt_disc))
     logger.info(
         "world size %d, autoencoder %.2f M parameters, discriminator %.2f M, lr %.3g (scale_lr=%s, schedule %s, "
-        "warm-up %d steps), perceptual: %s", accelerator.num_processes,
+        "warm-up %d steps), perceptual: %s, alignment: %s", accelerator.num_processes,
         count_parameters(vae) / 1e6, count_parameters(disc) / 1e6, lr, o.scale_lr, o.lr_schedule,
         o.lr_warmup_steps,
         perceptual_name if perceptual is not None else "off",
+        f"{frozen.teacher_name} ({cfg.loss.vf_teacher_arch})" if frozen.teacher is not None else "off",
     )
     return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
 
@@ -179,9 +196,12 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
             image_source(cfg.data.val)
         except DataError as err:
             raise DataError(f"data.val: {err}") from None
-    perceptual, perceptual_name = None, "lpips"
+    frozen = _Frozen()
     if cfg.loss.perceptual_weight > 0:
-        perceptual, perceptual_name = build_lpips(cfg.loss.lpips_trunk)
+        frozen.perceptual, frozen.perceptual_name = build_lpips(cfg.loss.lpips_trunk)
+    if cfg.loss.vf_weight > 0:
+        frozen.teacher, frozen.teacher_name = build_teacher(cfg.loss.vf_teacher_arch, cfg.loss.vf_teacher,
+                                                            cfg.loss.vf_teacher_resolution)
     # 'auto' needs the device, which the process state knows before the Accelerator exists
     mixed_precision, precision_note, note_level = resolve_mixed_precision(t.mixed_precision, process_state().device)
     accelerator = Accelerator(
@@ -203,7 +223,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)
     try:
-        eval_error = _train(cfg, accelerator, run_dir, ckpt, batches, perceptual, perceptual_name)
+        eval_error = _train(cfg, accelerator, run_dir, ckpt, batches, frozen)
     finally:
         batches.close()  # the data workers go now, whatever ended the run
         _remove_run_log(handler)
@@ -214,11 +234,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
 
 def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | None, batches: TrainBatches,
-           perceptual, perceptual_name: str) -> str | None:
+           frozen: _Frozen) -> str | None:
     """The run after start-up; returns why the final evaluation failed, or None."""
     t = cfg.train
     set_seed(t.seed)  # identical initial weights on every rank
-    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, perceptual, perceptual_name)
+    ae, disc, opt_ae, opt_disc, sched_ae, sched_disc = _build(cfg, accelerator, frozen)
     vae = ae.vae
 
     batches.prepare(accelerator)
@@ -230,7 +250,8 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | No
     ema = EMAModel(vae.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
     if ema is not None:
         ema.to(accelerator.device)
-    models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, perceptual, perceptual_name)
+    models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, frozen.perceptual, frozen.perceptual_name,
+                        frozen.teacher, frozen.teacher_name)
 
     state = LoopState()
     if ckpt is None:

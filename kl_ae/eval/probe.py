@@ -11,10 +11,12 @@ import math
 
 import torch
 
+from kl_ae.eval.diffusability import DiffusabilityStats, format_diffusability
 from kl_ae.eval.fid import RFID, FIDWeightsError
 from kl_ae.eval.latent import LatentStats, RobustnessStats
 
-ROBUSTNESS_IMAGES = 32  # decoder robustness costs 5 decodes per image: measure it on the first ones
+# decoder robustness costs 5 decodes per image, the equivariance figures 2: measured on the first ones
+ROBUSTNESS_IMAGES = 32
 
 
 class LatentProbe:
@@ -32,6 +34,7 @@ class LatentProbe:
         self.generator = generator
         self.latent = LatentStats(channels)
         self.robustness = RobustnessStats(generator=generator)
+        self.diffusability = DiffusabilityStats()
         self.robustness_images = 0
         self.rfid, self.rfid_skipped = None, None
         if rfid_weights == "none":
@@ -49,6 +52,7 @@ class LatentProbe:
         self.latent.update(posterior.mean, posterior.logvar, sample, image_hw=tuple(x.shape[-2:]))
         if self.robustness_images < ROBUSTNESS_IMAGES:
             self.robustness.update(vae, x)
+            self.diffusability.update(vae, x, posterior.mode())
             self.robustness_images += x.shape[0]
         if self.rfid is not None:
             self.rfid.update(x, x_hat)
@@ -59,7 +63,7 @@ class LatentProbe:
         if distributed:
             from accelerate.utils import reduce
 
-            for stats in (self.latent, self.robustness):
+            for stats in (self.latent, self.robustness, self.diffusability):
                 device = self.generator.device
                 stats.load_state_tensor(reduce(stats.state_tensor().to(device), reduction="sum"))
         latent = self.latent.report()
@@ -67,7 +71,7 @@ class LatentProbe:
             **{k: _finite(v) for k, v in self.robustness.report().items()},
             "sigma_unit": "per-channel std of the aggregate posterior; z = posterior mode",
         }
-        out = {"latent": latent}
+        out = {"latent": latent, "diffusability": self.diffusability.report()}
         if self.rfid is not None:
             out.update(self.rfid.report())
         else:
@@ -98,6 +102,7 @@ def format_latent(report: dict) -> list[str]:
         lines.append("decoder robustness (PSNR dB of decode(z + sigma*std*eps)): " + ", ".join(
             f"sigma {k.removeprefix('psnr_sigma_')}: {rob[k]:.2f}" if rob[k] is not None else
             f"sigma {k.removeprefix('psnr_sigma_')}: inf" for k in sig) + f" over {rob['images']} images")
+    lines += format_diffusability(report)
     if "rfid" in report:
         lines.append(f"rFID: {report['rfid']:.3f} over {report['rfid_images']} images"
                      + (f" ({report['rfid_note']})" if "rfid_note" in report else ""))
