@@ -1,4 +1,4 @@
-"""``kl-ae`` command line: train, config, export, eval, bench, shards. Each command parses and makes one library call."""
+"""``kl-ae`` command line: train, config, export, eval, factors, bench, shards. Each command parses and makes one library call."""
 
 from __future__ import annotations
 
@@ -47,6 +47,21 @@ def _export(args: argparse.Namespace) -> None:
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
 
 
+def _factors(args: argparse.Namespace) -> None:
+    from kl_ae.export import compute_latent_factors, format_factors
+    from kl_ae.model import load_autoencoder
+
+    vae = load_autoencoder(args.model)
+    factors = compute_latent_factors(vae, args.images, resolution=args.resolution, num_images=args.num_images,
+                                     use_shift=True)
+    print(format_factors(factors))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps({"model": str(args.model), **factors}, indent=2) + "\n")
+        print(f"written to {args.out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from kl_ae.eval.evaluate import run
 
@@ -55,7 +70,8 @@ def _eval(args: argparse.Namespace) -> None:
     run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
         lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,
         full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above,
-        lpips_net=args.lpips_net, rfid_weights=args.rfid_weights, max_image_pixels=args.max_image_pixels)
+        lpips_net=args.lpips_net, rfid_weights=args.rfid_weights, max_image_pixels=args.max_image_pixels,
+        fp16_audit=args.fp16_audit)
     if args.grid and process_state().is_main_process:
         from kl_ae.model import load_autoencoder
         from kl_ae.eval.grids import reconstruction_grid
@@ -184,11 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels for --full-size")
     p.add_argument("--tile-above", type=int, default=1024,
                    help="with --full-size, images with a side above this many pixels are only decoded tiled")
+    p.add_argument("--fp16-audit", action="store_true",
+                   help="also check fp16 safety: activations per block against 65504, inf/NaN, fp16 vs fp32 PSNR")
     p.add_argument("--grid", default=None, metavar="FILE.png", help="also write an input | reconstruction grid")
     p.add_argument("--grid-images", type=int, default=4, help="images in the grid (the first ones)")
     p.add_argument("--grid-amplify", type=float, default=5.0,
                    help="third grid column: |input - reconstruction| times this (0: two columns only)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("factors", help="measure every latent-normalisation convention of a VAE on images")
+    p.add_argument("model", help="diffusers AutoencoderKL directory, run directory or checkpoint")
+    p.add_argument("images", help="image folder, shard pattern or builtin:train")
+    p.add_argument("--resolution", type=int, default=256, help="resize short side + center crop size (px)")
+    p.add_argument("--num-images", type=int, default=64, help="images to encode (the first ones)")
+    p.add_argument("--out", default=None, help="also write them as JSON to this file")
+    p.set_defaults(func=_factors)
 
     p = sub.add_parser("bench", help="autoencoders vs JPEG/WebP/... at matched bits per pixel")
     p.add_argument("models", nargs="+", metavar="MODEL",

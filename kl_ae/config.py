@@ -40,6 +40,10 @@ class ModelConfig:
     """Self-attention in the encoder/decoder mid block (LDM: true)."""
     use_shift_factor: bool = False
     """Export a shift_factor (latent mean) next to scaling_factor (SD3/FLUX convention)."""
+    latents_mean_std: bool = False
+    """Export per-channel latents_mean / latents_std in config.json (SDXL-family pipelines, and
+    the Wan/Qwen convention: diffusion on (z - latents_mean) * scaling_factor / latents_std), with
+    scaling_factor 1.0 so the normalised latent has unit variance per channel."""
     posterior_logvar_init: float | None = None
     """Start every posterior log-variance at this value (e.g. -8.0: sigma 0.018) instead of
     PyTorch's random init (sigma ~ 1), see kl_ae.model.init_posterior_logvar; None: PyTorch's

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
@@ -46,7 +47,14 @@ def compute_latent_factors(
     first batch; here over ``num_images``); with ``use_shift`` also shift_factor = mean(z) (the
     SD3/FLUX convention: diffusion runs on (z - shift_factor) * scaling_factor).
 
+    Every other convention comes from the same samples: latents_mean / latents_std, the
+    per-channel mean and (population) std (config.json keys that SDXL-family and Wan/Qwen
+    pipelines read), and flux2_bn_mean / flux2_bn_var, the per-channel mean and variance of the
+    2x2-patchified latent (B, 4c, h/2, w/2), what FLUX.2 pipelines read from the VAE's BatchNorm
+    running statistics (diffusers pipeline_flux2: (z - running_mean) / sqrt(running_var + eps)).
+
     Returns a dict with scaling_factor, shift_factor (None unless use_shift), mean, std,
+    latents_mean, latents_std, flux2_bn_mean, flux2_bn_var (None for an odd latent side),
     num_images and images. Raises ValueError when no image could be read.
     """
     from kl_ae.data.sources import iter_images
@@ -61,10 +69,17 @@ def compute_latent_factors(
     batch: list[torch.Tensor] = []
 
     generator = torch.Generator(device).manual_seed(0)
+    patched = torch.zeros(3, 4 * vae.config.latent_channels, dtype=torch.float64)  # count, sum, sum of squares
 
     def flush() -> None:
         posterior = vae.encode(torch.stack(batch).to(device)).latent_dist
-        stats.update(posterior.mean, posterior.logvar, posterior.sample(generator=generator))
+        sample = posterior.sample(generator=generator)
+        stats.update(posterior.mean, posterior.logvar, sample)
+        if sample.shape[-1] % 2 == 0 and sample.shape[-2] % 2 == 0:  # FLUX.2's 2x2 patches (pixel_unshuffle order)
+            p = F.pixel_unshuffle(sample.double(), 2).transpose(0, 1).flatten(1).cpu()
+            patched[0] += p.shape[1]
+            patched[1] += p.sum(1)
+            patched[2] += p.square().sum(1)
         batch.clear()
 
     bar = tqdm(total=num_images, desc="latent statistics", disable=not progress, leave=False)
@@ -83,11 +98,19 @@ def compute_latent_factors(
     if n_images == 0:
         raise ValueError(f"no usable image in {images!r} to compute the latent scaling factor")
     report = stats.report()  # the same definitions as the eval latent report
+    bn_mean = bn_var = None
+    if patched[0, 0] > 0:
+        bn_mean = patched[1] / patched[0]
+        bn_var = (patched[2] / patched[0] - bn_mean.square()).clamp_min(0)
     return {
         "scaling_factor": report["scaling_factor"],
         "shift_factor": report["shift_factor"] if use_shift else None,
         "mean": report["z_mean"],
         "std": report["z_std"],
+        "latents_mean": list(report["z_mean_per_channel"]),
+        "latents_std": list(report["z_std_per_channel"]),
+        "flux2_bn_mean": None if bn_mean is None else bn_mean.tolist(),
+        "flux2_bn_var": None if bn_var is None else bn_var.tolist(),
         "num_images": n_images,
         "images": images,
         "resolution": resolution,
@@ -112,6 +135,8 @@ def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None) -> d
         raise ValueError("the latent scaling factor must be measured: name the images to measure it on")
     factors = compute_latent_factors(vae, images, resolution=cfg.data.resolution,
                                      num_images=cfg.train.scaling_images, use_shift=m.use_shift_factor)
+    if m.latents_mean_std:  # SDXL-family pipelines: (z - latents_mean) * scaling_factor / latents_std
+        factors.update(scaling_factor=1.0, shift_factor=None, store_latents_mean_std=True)
     if m.init_from and not m.train_encoder:  # a single file without init_config carries no factors
         factors["source"] = (f"measured: model.init_from={m.init_from} is a single file without "
                              "model.init_config, so its original scaling_factor is unknown")
@@ -136,6 +161,27 @@ def stored_factors(checkpoint: Path) -> dict | None:
     return factors
 
 
+def format_factors(factors: dict) -> str:
+    """The four latent-normalisation conventions of :func:`compute_latent_factors`'s result, one
+    block each, with the pipelines that read them (kl-ae factors)."""
+    def vec(values) -> str:
+        return "[" + ", ".join(f"{v:.5g}" for v in values) + "]"
+
+    lines = [f"measured on {factors['num_images']} images of {factors['images']} at {factors['resolution']} px "
+             f"(center crops), z ~ q(z|x) sampled with seed 0:",
+             f"  scaling_factor                (SD 1.x / SDXL: diffusion on z * s)            {factors['scaling_factor']:.5g}",
+             f"  + shift_factor                (SD3 / FLUX.1: on (z - shift) * s)             {factors['mean']:.5g}",
+             "  latents_mean / latents_std    (SDXL-family, Wan, Qwen: (z - mean_c) * s / std_c, per channel)",
+             f"    latents_mean {vec(factors['latents_mean'])}",
+             f"    latents_std  {vec(factors['latents_std'])}"]
+    if factors.get("flux2_bn_mean") is not None:
+        lines += [f"  FLUX.2 BatchNorm              (2x2-patchified z, {len(factors['flux2_bn_mean'])} channels: "
+                  "(z_p - running_mean) / sqrt(running_var + eps))",
+                  f"    running_mean {vec(factors['flux2_bn_mean'])}",
+                  f"    running_var  {vec(factors['flux2_bn_var'])}"]
+    return "\n".join(lines)
+
+
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
     """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors)."""
     out_dir = Path(out_dir)
@@ -143,6 +189,8 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
     # size keep GroupNorm statistics closest to what the model was trained on.
     vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"],
                            sample_size=int(factors["resolution"]))
+    if factors.get("store_latents_mean_std"):
+        vae.register_to_config(latents_mean=list(factors["latents_mean"]), latents_std=list(factors["latents_std"]))
     vae.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / LATENT_STATS).write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
     logger.info(

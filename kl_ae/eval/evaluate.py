@@ -372,13 +372,14 @@ def evaluate(
 
 
 def run(model: str, images: str, out: str | None = None, *, full_size: bool = False,
-        tile_size: int = 256, tile_above: int = 1024, **kwargs) -> dict:
+        tile_size: int = 256, tile_above: int = 1024, fp16_audit: bool = False, **kwargs) -> dict:
     """Load ``model`` (diffusers export dir, run dir or checkpoint dir), evaluate it on
     ``images`` (kwargs go to :func:`evaluate`; split across processes under
     ``accelerate launch``), print the table, write the JSON report to ``out`` (parent dirs
     created) if given, and return the report. full_size: also reconstruct at native resolution,
     tiled above ``tile_above`` px, with the measured PSNR cost of tiling (main process only;
-    see :mod:`kl_ae.eval.tiling`), under the report's "full_size" key."""
+    see :mod:`kl_ae.eval.tiling`), under the report's "full_size" key. fp16_audit: also the fp16
+    safety audit (:mod:`kl_ae.eval.fp16`) under "fp16_audit"."""
     from kl_ae.model import load_autoencoder
 
     vae = load_autoencoder(model)
@@ -393,6 +394,12 @@ def run(model: str, images: str, out: str | None = None, *, full_size: bool = Fa
         report["full_size"] = full_size_report(vae, images, tile_size=tile_size, tile_above=tile_above,
                                                max_images=kwargs.get("max_images"))
         text += "\n" + format_full_size(report["full_size"])
+    if fp16_audit:
+        from kl_ae.eval.fp16 import format_fp16_audit
+        from kl_ae.eval.fp16 import fp16_audit as audit
+
+        report["fp16_audit"] = audit(vae, images, resolution=kwargs.get("resolution", 256))
+        text += "\n" + "\n".join(format_fp16_audit(report["fp16_audit"]))
     print(text)
     if out is not None:
         path = Path(out)
