@@ -22,8 +22,12 @@ class ModelConfig:
     """The autoencoder: a diffusers ``AutoencoderKL`` (LDM/SD architecture). Defaults: SD 1.x VAE."""
 
     preset: str = ""
-    """A published layout (kl_ae/presets.py): 'sd1', 'sdxl', 'sd3' or 'flux'. Its values replace
-    this section's defaults; the YAML file's and --set values apply on top. Empty: none."""
+    """A published layout (kl_ae/presets.py): 'sd1', 'sdxl', 'sd3', 'flux' or 'flux2'. Its values
+    replace this section's defaults; the YAML file's and --set values apply on top. Empty: none."""
+    architecture: str = "AutoencoderKL"
+    """The diffusers class: 'AutoencoderKL' (SD 1.x/SDXL/SD3/FLUX.1) or 'AutoencoderKLFlux2'
+    (FLUX.2: the same network plus a BatchNorm over the 2x2-patchified latent whose running
+    statistics FLUX.2 pipelines use to normalise latents; the export measures them)."""
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
     """Channels of each encoder/decoder level; the downsampling factor is 2**(len - 1)."""
     layers_per_block: int = 2

@@ -14,6 +14,8 @@ def check_config(cfg) -> None:
     """Raise ConfigError for a well-typed but unusable value of ``cfg`` (a kl_ae.config.Config)."""
     m, d, loss, t = cfg.model, cfg.data, cfg.loss, cfg.train
     _check_ranges(cfg)
+    if m.architecture not in ARCHITECTURES:
+        raise ConfigError(f"model.architecture must be one of {ARCHITECTURES}, got {m.architecture!r}")
     if not m.block_out_channels or any(c <= 0 for c in m.block_out_channels):
         raise ConfigError("model.block_out_channels must be a non-empty list of positive ints")
     bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
@@ -83,6 +85,7 @@ def check_config(cfg) -> None:
 
 
 EQ_TRANSFORMS = ("scale", "rot90")
+ARCHITECTURES = ("AutoencoderKL", "AutoencoderKLFlux2")
 
 
 def _check_recipe_terms(loss) -> None:

@@ -50,8 +50,9 @@ def compute_latent_factors(
     Every other convention comes from the same samples: latents_mean / latents_std, the
     per-channel mean and (population) std (config.json keys that SDXL-family and Wan/Qwen
     pipelines read), and flux2_bn_mean / flux2_bn_var, the per-channel mean and variance of the
-    2x2-patchified latent (B, 4c, h/2, w/2), what FLUX.2 pipelines read from the VAE's BatchNorm
-    running statistics (diffusers pipeline_flux2: (z - running_mean) / sqrt(running_var + eps)).
+    2x2-patchified posterior MODE (B, 4c, h/2, w/2), what FLUX.2 pipelines read from the VAE's
+    BatchNorm running statistics (diffusers pipeline_flux2 encodes images with
+    sample_mode="argmax", patchifies, then (z - running_mean) / sqrt(running_var + eps)).
 
     Returns a dict with scaling_factor, shift_factor (None unless use_shift), mean, std,
     latents_mean, latents_std, flux2_bn_mean, flux2_bn_var (None for an odd latent side),
@@ -76,7 +77,7 @@ def compute_latent_factors(
         sample = posterior.sample(generator=generator)
         stats.update(posterior.mean, posterior.logvar, sample)
         if sample.shape[-1] % 2 == 0 and sample.shape[-2] % 2 == 0:  # FLUX.2's 2x2 patches (pixel_unshuffle order)
-            p = F.pixel_unshuffle(sample.double(), 2).transpose(0, 1).flatten(1).cpu()
+            p = F.pixel_unshuffle(posterior.mode().double(), 2).transpose(0, 1).flatten(1).cpu()
             patched[0] += p.shape[1]
             patched[1] += p.sum(1)
             patched[2] += p.square().sum(1)
@@ -187,6 +188,16 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
     out_dir = Path(out_dir)
     # sample_size only sets diffusers' tile size (enable_tiling); tiles of the training crop
     # size keep GroupNorm statistics closest to what the model was trained on.
+    if hasattr(vae, "bn"):  # AutoencoderKLFlux2: its pipelines read the BatchNorm statistics, no factors
+        vae.register_to_config(sample_size=int(factors["resolution"]))
+        if factors.get("flux2_bn_mean") is not None:  # measured (a decoder-only fine-tune keeps its own)
+            with torch.no_grad():
+                vae.bn.running_mean.copy_(torch.tensor(factors["flux2_bn_mean"]))
+                vae.bn.running_var.copy_(torch.tensor(factors["flux2_bn_var"]))
+        vae.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / LATENT_STATS).write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
+        logger.info("exported to %s (FLUX.2 BatchNorm statistics of %s images)", out_dir, factors.get("num_images"))
+        return out_dir
     vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"],
                            sample_size=int(factors["resolution"]))
     if factors.get("store_latents_mean_std"):

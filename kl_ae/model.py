@@ -65,8 +65,9 @@ def check_init_from(m: ModelConfig) -> dict | None:
     import json
 
     config = json.loads(file.read_text())
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConfigError(f"{source}={value!r} holds a {config['_class_name']}, not an AutoencoderKL")
+    if config.get("_class_name", "AutoencoderKL") != m.architecture:
+        raise ConfigError(f"{source}={value!r} holds a {config['_class_name']}, not model.architecture="
+                          f"{m.architecture!r} (set it, or use the preset of that VAE: flux2 for AutoencoderKLFlux2)")
     bad = []
     for key in _INIT_FROM_KEYS:
         theirs = config.get(key, True if key.startswith(("use_", "mid_")) else None)
@@ -81,13 +82,26 @@ def check_init_from(m: ModelConfig) -> dict | None:
     return config
 
 
+def autoencoder_class(name: str):
+    """The diffusers class named by model.architecture or a config.json's _class_name."""
+    if name == "AutoencoderKLFlux2":
+        from diffusers import AutoencoderKLFlux2
+
+        return AutoencoderKLFlux2
+    if name != "AutoencoderKL":
+        raise ConfigError(f"{name!r} is not a VAE class kl-ae trains (AutoencoderKL, AutoencoderKLFlux2)")
+    return AutoencoderKL
+
+
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    """A randomly initialised diffusers ``AutoencoderKL`` in the LDM/SD layout (no download).
+    """A randomly initialised diffusers ``AutoencoderKL`` in the LDM/SD layout (no download), or
+    ``AutoencoderKLFlux2`` (the same network, 2x2 latent patches, BatchNorm eps 1e-4) for
+    model.architecture='AutoencoderKLFlux2'.
 
     Build it under ``torch.device("meta")`` to count parameters of real-size models for free.
     """
     n = len(cfg.block_out_channels)
-    return AutoencoderKL(
+    return autoencoder_class(cfg.architecture)(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * n,
@@ -117,7 +131,7 @@ def load_or_build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
                            "unknown, so the export measures one; set model.init_config to keep the original")
     elif cfg.init_from:
         check_init_from(cfg)
-        vae = AutoencoderKL.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+        vae = autoencoder_class(cfg.architecture).from_pretrained(cfg.init_from, torch_dtype=torch.float32)
     else:
         vae = build_autoencoder(cfg)
         if cfg.posterior_logvar_init is not None:
@@ -267,7 +281,7 @@ RUN_CONFIG = CONFIG  # a run directory's resolved config, written before step 0 
 # What a resumed run must share with its checkpoint: the keys that shape the saved models and
 # optimizer states (the autoencoder, the trainable set, the discriminator, the VF projection and
 # the LeCam anchors: whether those terms are on, not their weights).
-RESUME_KEYS = tuple(f"model.{k}" for k in _INIT_FROM_KEYS) + (
+RESUME_KEYS = ("model.architecture",) + tuple(f"model.{k}" for k in _INIT_FROM_KEYS) + (
     "model.train_encoder", "loss.learn_logvar", "loss.disc_num_layers", "loss.disc_channels",
     "loss.vf_weight > 0", "loss.vf_teacher_arch", "loss.disc_lecam_weight > 0")
 
@@ -335,7 +349,10 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     if (path / "config.json").is_file():
         try:
             # safetensors only: a received directory's pickle (.bin) is never loaded
-            return AutoencoderKL.from_pretrained(path, use_safetensors=True)
+            import json
+
+            name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+            return autoencoder_class(name).from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as err:  # diffusers: no weights file, truncated, mismatch
             raise CheckpointError(
                 f"{path} has a diffusers config.json but its weights do not load ({type(err).__name__}: "

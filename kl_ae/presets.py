@@ -33,4 +33,8 @@ PRESETS: dict[str, Preset] = {
     # 16 latent channels, no quant convs, a shift factor: 83.82 M parameters
     "sd3": Preset("stabilityai/stable-diffusion-3-medium-diffusers", 1.5305, 0.0609, _NO_QUANT_CONVS_16),
     "flux": Preset("black-forest-labs/FLUX.1-dev", 0.3611, 0.1159, _NO_QUANT_CONVS_16),
+    # FLUX.2: the SD layout with 32 latent channels and quant convs, as diffusers' AutoencoderKLFlux2,
+    # whose BatchNorm statistics (not a scaling factor) normalise the 2x2-patchified latent
+    "flux2": Preset("black-forest-labs/FLUX.2-dev", 1.0, None,
+                    {"architecture": "AutoencoderKLFlux2", "latent_channels": 32}),
 }

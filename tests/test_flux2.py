@@ -1,0 +1,50 @@
+"""The FLUX.2 layout (issue 15, point 1): train a tiny AutoencoderKLFlux2, export it with BatchNorm
+statistics measured on the training images, and normalise its latents as FLUX.2 pipelines do."""
+
+import json
+
+import torch
+from diffusers import AutoencoderKLFlux2
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from PIL import Image
+
+from kl_ae.config import load_config
+from kl_ae.data.images import eval_transform
+from kl_ae.model import load_autoencoder
+from kl_ae.trainer import train
+import helpers
+
+
+def test_a_flux2_run_exports_batchnorm_statistics_that_normalise_its_latents(tmp_path):
+    photos = helpers.write_noise_photos(tmp_path / "photos", 6, size=(40, 48))
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, helpers.tiny_train_overrides(photos, run_dir, 3, **{
+        "model.preset": "flux2", "model.latent_channels": 8, "train.scaling_images": 6}))
+    assert cfg.model.architecture == "AutoencoderKLFlux2"
+    train(cfg)
+    export = run_dir / "export"
+    assert json.loads((export / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
+    vae = AutoencoderKLFlux2.from_pretrained(export).eval()
+    assert isinstance(load_autoencoder(export), AutoencoderKLFlux2)  # kl-ae eval reads it too
+    # the pipeline's own normalisation (pipeline_flux2._encode_vae_image) on the images measured
+    x = torch.stack([eval_transform(Image.open(photos / f"{i}.png"), 32) for i in range(6)])
+    with torch.no_grad():
+        latents = Flux2Pipeline._patchify_latents(vae.encode(x).latent_dist.mode())
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    normalised = ((latents - mean) / std).transpose(0, 1).flatten(1)
+    assert normalised.shape[0] == 32  # 4 x 8 patchified channels
+    assert normalised.mean(1).abs().max() < 1e-3
+    assert (normalised.std(1, correction=0) - 1).abs().max() < 0.01
+    stats = json.loads((export / "latent_stats.json").read_text())
+    assert stats["num_images"] == 6 and len(stats["flux2_bn_mean"]) == 32
+
+
+def test_the_shipped_flux2_config_builds_the_flux2_class():
+    from kl_ae.model import build_autoencoder
+
+    cfg = load_config("flux2-vae")
+    with torch.device("meta"):
+        vae = build_autoencoder(cfg.model)
+    assert isinstance(vae, AutoencoderKLFlux2) and vae.config.latent_channels == 32
+    assert vae.quant_conv is not None and tuple(vae.config.patch_size) == (2, 2) and vae.bn.num_features == 128
