@@ -34,8 +34,7 @@ class EqTransform:
         1), or a rotation."""
         if self.kind == "rot90":
             return torch.rot90(z, int(self.value), dims=(-2, -1))
-        return F.interpolate(z, size=self.latent_size(z.shape[-2:]), mode="bilinear", antialias=True,
-                             align_corners=False)
+        return _downscale(z, self.latent_size(z.shape[-2:]))
 
     def latent_size(self, hw) -> tuple[int, int]:
         return tuple(max(1, round(s * self.value)) for s in hw)
@@ -46,7 +45,14 @@ class EqTransform:
         if self.kind == "rot90":
             return torch.rot90(x, int(self.value), dims=(-2, -1))
         h, w = self.latent_size((x.shape[-2] // factor, x.shape[-1] // factor))
-        return F.interpolate(x, size=(h * factor, w * factor), mode="bilinear", antialias=True, align_corners=False)
+        return _downscale(x, (h * factor, w * factor))
+
+
+def _downscale(t: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, antialiased resize to ``size``, computed in float32 (torch has no antialiased
+    bf16 kernel on the CPU), returned in ``t``'s dtype."""
+    return F.interpolate(t.float(), size=tuple(size), mode="bilinear", antialias=True,
+                         align_corners=False).to(t.dtype)
 
 
 def draw_eq_transform(transforms: list[str], scales: list[float], probability: float) -> EqTransform | None:

@@ -244,3 +244,10 @@ def test_eval_reports_diffusability(tmp_path):
     d = report["diffusability"]
     assert d["images"] == 3 and 0 < d["high_frequency_share_latent"] < 1
     assert d["equivariance_psnr_scale_0.5"] > 0 and d["equivariance_psnr_rot90_1"] > 0
+
+
+def test_eq_transforms_work_in_bf16():
+    """Training runs under bf16 autocast: the latent reaches the transform in bf16."""
+    z = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    out = regularizers.EqTransform("scale", 0.5).latent(z)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 4, 4)
