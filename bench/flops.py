@@ -29,13 +29,13 @@ def count_step_flops(config: str, resolution: int, batch: int) -> dict:
     from kl_ae.config import load_config
     from kl_ae.perceptual import build_lpips
     from kl_ae.step import StepModels, autoencoder_step, discriminator_step
-    from kl_ae.trainer import _build
+    from kl_ae.trainer import _build, _Frozen
 
     cfg = load_config(config, [f"data.resolution={resolution}", "loss.disc_start=0", "loss.lpips_trunk=random",
                                "train.mixed_precision=no", "train.gradient_accumulation_steps=1"])
     accelerator = Accelerator(mixed_precision="no")
     perceptual, name = build_lpips("random") if cfg.loss.perceptual_weight > 0 else (None, "lpips")
-    ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, accelerator, perceptual, name)
+    ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, accelerator, _Frozen(perceptual, name))
     ae, disc, opt_ae, opt_disc = accelerator.prepare(ae, disc, opt_ae, opt_disc)
     m = StepModels(ae, disc, opt_ae, opt_disc, s_ae, s_disc, perceptual, name)
     x = torch.rand(batch, 3, resolution, resolution, device=accelerator.device) * 2 - 1

@@ -58,7 +58,7 @@ def _step_once(config: str, resolution: int, batch: int, checkpointing: bool) ->
     from kl_ae.perceptual import build_lpips
     from kl_ae.precision import resolve_mixed_precision
     from kl_ae.step import StepModels, autoencoder_step, discriminator_step
-    from kl_ae.trainer import _build
+    from kl_ae.trainer import _build, _Frozen
 
     cfg = load_config(config, [f"data.resolution={resolution}", "loss.disc_start=0", "loss.lpips_trunk=random",
                                "train.gradient_accumulation_steps=1",
@@ -68,7 +68,7 @@ def _step_once(config: str, resolution: int, batch: int, checkpointing: bool) ->
     accelerator = Accelerator(mixed_precision=precision)
     try:
         perceptual, name = build_lpips("random") if cfg.loss.perceptual_weight > 0 else (None, "lpips")
-        ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, accelerator, perceptual, name)
+        ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, accelerator, _Frozen(perceptual, name))
         ae, disc, opt_ae, opt_disc = accelerator.prepare(ae, disc, opt_ae, opt_disc)
         m = StepModels(ae, disc, opt_ae, opt_disc, s_ae, s_disc, perceptual, name)
         if device.type == "cuda":

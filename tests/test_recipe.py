@@ -84,13 +84,13 @@ def test_global_step_drives_a_scheduler_that_stepped_less_often():
 
 
 def test_optimizer_settings_reach_the_optimizers(tmp_path):
-    from kl_ae.trainer import _build
+    from kl_ae.trainer import _build, _Frozen
 
     cfg = load_config(None, ["model.block_out_channels=[8,16]", "model.norm_num_groups=8", "loss.perceptual_weight=0",
                              "optim.betas=[0.9,0.99]", "optim.weight_decay=0.01", "optim.disc_betas=[0.0,0.99]",
                              "optim.scale_lr=false", "optim.base_learning_rate=1e-3", "optim.lr_schedule=cosine",
                              "optim.lr_warmup_steps=5"])
-    _, _, opt_ae, opt_disc, sched_ae, _ = _build(cfg, Accelerator(cpu=True), None, "lpips")
+    _, _, opt_ae, opt_disc, sched_ae, _ = _build(cfg, Accelerator(cpu=True), _Frozen())
     group = opt_ae.param_groups[0]
     assert group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01
     assert isinstance(opt_ae, torch.optim.AdamW)
