@@ -236,7 +236,18 @@ def test_high_frequency_share_of_flat_and_checkerboard_signals():
 
 
 def test_eval_reports_diffusability(tmp_path):
+    from PIL import Image
+
     from kl_ae.eval.evaluate import evaluate
+    from kl_ae.eval.report import format_report
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(flat / "red.png")  # no energy once its mean is removed
+    report = evaluate(helpers.tiny_vae(4), str(flat), resolution=32, lpips_trunk=None, rfid_weights="none",
+                      progress=False)
+    assert report["diffusability"]["high_frequency_share_images"] is None
+    assert "images n/a (flat)" in format_report(report)
 
     photos = helpers.write_noise_photos(tmp_path / "photos", 3, size=(32, 32))
     report = evaluate(helpers.tiny_vae(4), str(photos), resolution=32, lpips_trunk=None, rfid_weights="none",

@@ -89,11 +89,15 @@ class DiffusabilityStats:
 def format_diffusability(report: dict) -> list[str]:
     """Plain-text lines of the report's "diffusability" section (empty without one)."""
     d = report.get("diffusability")
-    if not d or d.get("high_frequency_share_latent") is None:
+    if not d or not d.get("images"):
         return []
+
+    def share(key: str) -> str:  # None: no energy at all once each map's mean is removed (flat images)
+        return "n/a (flat)" if d[key] is None else f"{d[key]:.3f}"
+
     return [
-        f"diffusability: high-frequency energy share (> half Nyquist) latent {d['high_frequency_share_latent']:.3f} "
-        f"vs images {d['high_frequency_share_images']:.3f} (lower is smoother); equivariance PSNR "
+        f"diffusability: high-frequency energy share (> half Nyquist) latent {share('high_frequency_share_latent')} "
+        f"vs images {share('high_frequency_share_images')} (lower is smoother); equivariance PSNR "
         + ", ".join(f"{k.removeprefix('equivariance_psnr_')}: {v:.2f} dB" for k, v in d.items()
                     if k.startswith("equivariance_psnr_") and v is not None)
         + f" over {d['images']} images"
