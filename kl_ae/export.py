@@ -115,7 +115,7 @@ def compute_latent_factors(
         "num_images": n_images,
         "images": images,
         "resolution": resolution,
-        "latent": "posterior sample",
+        "latent": "posterior sample (seed 0); flux2_bn_*: posterior mode, as FLUX.2 pipelines encode images",
     }
 
 
@@ -176,8 +176,8 @@ def format_factors(factors: dict) -> str:
              f"    latents_mean {vec(factors['latents_mean'])}",
              f"    latents_std  {vec(factors['latents_std'])}"]
     if factors.get("flux2_bn_mean") is not None:
-        lines += [f"  FLUX.2 BatchNorm              (2x2-patchified z, {len(factors['flux2_bn_mean'])} channels: "
-                  "(z_p - running_mean) / sqrt(running_var + eps))",
+        lines += [f"  FLUX.2 BatchNorm              (2x2-patchified posterior mode, {len(factors['flux2_bn_mean'])} "
+                  "channels: (z_p - running_mean) / sqrt(running_var + eps))",
                   f"    running_mean {vec(factors['flux2_bn_mean'])}",
                   f"    running_var  {vec(factors['flux2_bn_var'])}"]
     return "\n".join(lines)
