@@ -153,6 +153,19 @@ class LossConfig:
     """Scale the VF term by ||grad nll|| / ||grad vf|| at the encoder's last layer (VA-VAE's
     adaptive_vf), as the GAN term is scaled at the decoder's; costs a backward through the
     decoder. False: vf_weight alone."""
+    fp16_fix: bool = False
+    """fp16-fix fine-tune of model.init_from (kl_ae/fp16_fix.py): its residual streams are first
+    scaled down exactly to fp16_fix_activation_limit, then the model trains to reproduce the frozen
+    original: the pixel and LPIPS terms target the original's reconstruction instead of the image,
+    fp16_fix_latent_weight keeps the posterior mean, fp16_fix_activation_weight penalises values
+    above the limit. The export keeps the original's latent factors. Needs model.init_from."""
+    fp16_fix_latent_weight: float = 1.0
+    """Weight of the mean squared distance between the posterior means of the model and of the
+    frozen original (fp16_fix only); keeps the latent space, and so the diffusion models on it."""
+    fp16_fix_activation_weight: float = 1.0
+    """Weight of the penalty sum over module outputs of mean(relu(|a| / limit - 1)^2) (fp16_fix only)."""
+    fp16_fix_activation_limit: float = 4096.0
+    """Largest activation the fp16-fix aims for: 4096 leaves 16x headroom under fp16's 65504."""
 
 
 @dataclass

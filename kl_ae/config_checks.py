@@ -41,6 +41,15 @@ def check_config(cfg) -> None:
         raise ConfigError("model.init_config describes a single-file model.init_from; set model.init_from too")
     if not m.train_encoder and not m.init_from:
         raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
+    if loss.fp16_fix:
+        if not m.init_from:
+            raise ConfigError("loss.fp16_fix needs model.init_from: the VAE whose outputs the fp16-fix keeps")
+        if loss.latent_noise > 0:
+            raise ConfigError("loss.fp16_fix trains the decoder to reproduce the original's decode of the same z: "
+                              "set loss.latent_noise=0")
+        if not 0 < loss.fp16_fix_activation_limit <= 65504:
+            raise ConfigError("loss.fp16_fix_activation_limit must be in (0, 65504] (fp16's largest value), "
+                              f"got {loss.fp16_fix_activation_limit}")
     if loss.disc_loss not in ("hinge", "vanilla"):
         raise ConfigError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
     if t.mixed_precision not in PRECISION_CHOICES:
@@ -119,7 +128,7 @@ _POSITIVE = {"model": ("latent_channels", "layers_per_block", "norm_num_groups")
                        "checkpoint_every", "max_nonfinite_steps", "scaling_images")}
 _NON_NEGATIVE = {"loss": ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor", "disc_start", "disc_r1_gamma",
                           "disc_lecam_weight", "eq_weight", "latent_noise", "vf_weight", "vf_margin_cos",
-                          "vf_margin_distmat"),
+                          "vf_margin_distmat", "fp16_fix_latent_weight", "fp16_fix_activation_weight"),
                  "data": ("num_workers", "shuffle_buffer", "max_image_pixels"), "optim": ("max_grad_norm",), "train": ("seed",)}
 # empty would mean the current directory, or nothing the code can look up
 _NOT_BLANK = (("data", "train"), ("train", "output_dir"), ("loss", "lpips_trunk"))  # train.tracker: check_trackers

@@ -120,25 +120,28 @@ def compute_latent_factors(
 
 
 def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None) -> dict:
-    """The factors to export: a decoder-only fine-tune keeps its init_from VAE's (the latent
+    """The factors to export: a decoder-only or fp16-fix fine-tune keeps its init_from VAE's (the latent
     space did not change, and the diffusion models built on it expect them; for a single file,
     init_config's); otherwise, and for a single file without init_config, they are measured on
     ``images`` with :func:`compute_latent_factors`. Raises ValueError when they must be measured
     and ``images`` is None."""
     m = cfg.model
-    original = check_init_from(m) if m.init_from and not m.train_encoder else None
+    keeps = bool(m.init_from) and (not m.train_encoder or cfg.loss.fp16_fix)
+    original = check_init_from(m) if keeps else None
     if original is not None:
         kept_from = f"model.init_config={m.init_config}" if m.init_config else f"model.init_from={m.init_from}"
+        why = ("decoder-only fine-tune: encoder frozen" if not m.train_encoder
+               else "fp16-fix fine-tune: trained to keep the original's posterior means")
         return {"scaling_factor": original.get("scaling_factor", 0.18215),
                 "shift_factor": original.get("shift_factor"), "resolution": cfg.data.resolution,
-                "source": f"kept from {kept_from} (decoder-only fine-tune: encoder frozen)"}
+                "source": f"kept from {kept_from} ({why})"}
     if images is None:
         raise ValueError("the latent scaling factor must be measured: name the images to measure it on")
     factors = compute_latent_factors(vae, images, resolution=cfg.data.resolution,
                                      num_images=cfg.train.scaling_images, use_shift=m.use_shift_factor)
     if m.latents_mean_std:  # SDXL-family pipelines: (z - latents_mean) * scaling_factor / latents_std
         factors.update(scaling_factor=1.0, shift_factor=None, store_latents_mean_std=True)
-    if m.init_from and not m.train_encoder:  # a single file without init_config carries no factors
+    if keeps:  # a single file without init_config carries no factors
         factors["source"] = (f"measured: model.init_from={m.init_from} is a single file without "
                              "model.init_config, so its original scaling_factor is unknown")
         logger.warning("scaling_factor %s", factors["source"])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from kl_ae.eval.fp16 import FP16_AUDIT, format_fp16_audit
+
 CARD_TAGS = ["kl-ae", "autoencoder", "vae"]
 EXPORT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 LATENT_STATS = "latent_stats.json"
@@ -44,13 +46,17 @@ def prepare_hub_folder(export_dir: str | Path, out_dir: str | Path, repo_id: str
             shutil.copy2(file, out_dir / file.name)
     stats_file = export_dir / LATENT_STATS
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
-    (out_dir / "README.md").write_text(model_card(config, stats, repo_id, license=license))
+    audit_file = export_dir / FP16_AUDIT
+    audit = json.loads(audit_file.read_text()) if audit_file.is_file() else None
+    (out_dir / "README.md").write_text(model_card(config, stats, repo_id, license=license, fp16_audit=audit))
     return out_dir
 
 
-def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str = "apache-2.0") -> str:
+def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str = "apache-2.0",
+               fp16_audit: dict | None = None) -> str:
     """README.md of a Hub repository holding one AutoencoderKL export (config: its config.json;
-    stats: its latent_stats.json, or None when the export has none)."""
+    stats: its latent_stats.json, or None when the export has none; fp16_audit: its
+    fp16_audit.json, kl_ae.eval.fp16, or None when it was not audited)."""
     front = yaml.safe_dump({"library_name": "diffusers", "license": license, "tags": list(CARD_TAGS)},
                            sort_keys=False)
     channels = config["latent_channels"]
@@ -77,6 +83,7 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
         "read the factors from config.json: the SD3 and FLUX.1 pipelines both, the SD 1.x, SDXL and "
         "DiT pipelines scaling_factor only.", "",
         *_stats_section(stats),
+        *_fp16_section(fp16_audit),
         "## Use", "",
         "```python",
         "import torch",
@@ -111,6 +118,20 @@ def _stats_section(stats: dict | None) -> list[str]:
     if stats.get("step") is not None:
         lines += [f"Weights: training step {stats['step']}{' (EMA)' if stats.get('ema') else ''}.", ""]
     lines += [f"All values: `{LATENT_STATS}`.", ""]
+    return lines
+
+
+def _fp16_section(audit: dict | None) -> list[str]:
+    lines = ["## float16", ""]
+    if audit is None:
+        return lines + ["Not audited: `kl-ae eval EXPORT IMAGES --fp16-audit` says whether it encodes and decodes "
+                        "in float16 without overflow.", ""]
+    lines += [f"kl-ae's fp16 audit ({audit['images']} images at {audit['resolution']} px): "
+              + " ".join(format_fp16_audit(audit)).split(": ", 1)[1] + ".", ""]
+    if audit["fp16_safe"]:
+        lines += ["It can be loaded with `torch_dtype=torch.float16`.", ""]
+    else:
+        lines += ["**Do not run it in float16** (NaN or black images): use float32 or bfloat16.", ""]
     return lines
 
 

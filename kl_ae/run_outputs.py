@@ -67,6 +67,26 @@ def periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | No
     accelerator.wait_for_everyone()
 
 
+FP16_AUDIT_IMAGES = 2
+
+
+def audit_export(vae, export_dir: Path, images: str, resolution: int) -> dict | None:
+    """Run the fp16 safety audit on the exported weights (the first FP16_AUDIT_IMAGES of
+    ``images`` at ``resolution``) and write it to ``export_dir``/fp16_audit.json for the model
+    card. A failure is logged, not raised: the export is written. Returns the audit or None."""
+    from kl_ae.eval.fp16 import FP16_AUDIT, format_fp16_audit, fp16_audit
+
+    try:
+        audit = fp16_audit(vae, images, resolution=resolution, max_images=FP16_AUDIT_IMAGES)
+    except Exception as err:  # noqa: BLE001 (the export is written; the card then says "not audited")
+        logger.warning("fp16 audit of the export failed (run kl-ae eval %s IMAGES --fp16-audit): %s: %s",
+                       export_dir, type(err).__name__, err)
+        return None
+    (export_dir / FP16_AUDIT).write_text(json.dumps({**audit, "images_source": images}, indent=2))
+    logger.info("%s", "\n".join(format_fp16_audit(audit)))
+    return audit
+
+
 def finish_run(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> str | None:
     """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val.
     Returns why the evaluation failed (logged with its traceback), or None."""
@@ -75,6 +95,7 @@ def finish_run(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
+        audit_export(vae, export_dir, cfg.data.val or cfg.data.train, cfg.data.resolution)
         # kl-ae export of this checkpoint reuses them (and never reads a received run's data.train)
         final_checkpoint = run_dir / "checkpoints" / ckpt_io.checkpoint_name(step)
         if final_checkpoint.is_dir():

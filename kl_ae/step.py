@@ -8,6 +8,7 @@ step logs and trains it without a change here.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ class StepModels:
     perceptual_name: str  # "lpips" or "lpips_random_trunk"
     teacher: nn.Module | None = None  # the VF term's frozen vision model (kl_ae.alignment.Teacher)
     teacher_name: str = "vf"  # "vf" or "vf_random_teacher"
+    original: nn.Module | None = None  # loss.fp16_fix: the frozen model.init_from VAE, the target
 
 
 def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, optimizer, scheduler,
@@ -103,6 +105,11 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
                      cfg: LossConfig, max_grad_norm: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Reconstruct, compute the named loss terms (+ the adaptive GAN term after disc_start), update.
 
+    With loss.fp16_fix (``m.original`` set) the pixel and LPIPS terms compare the reconstruction
+    with the frozen original's decode of the same z instead of x, and two terms join:
+    ``fp16_fix_latent`` (mean squared distance of the posterior means) and
+    ``fp16_fix_activation`` (kl_ae.fp16_fix.ActivationPenalty over this forward).
+
     x: (B, 3, H, W) float in [-1, 1]. Returns the detached reconstruction and a dict of
     detached scalar tensors (read at log time; the one host synchronisation is the finiteness
     check of the gradient norm, see ``_update``). The logged ``loss/total`` is
@@ -112,11 +119,23 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     ae = accelerator.unwrap_model(m.autoencoder)
     eq = (regularizers.draw_eq_transform(cfg.eq_transforms, cfg.eq_scales, cfg.eq_probability)
           if cfg.eq_weight > 0 else None)
-    with accelerator.autocast():
+    penalty = getattr(ae, "activation_penalty", None)  # loss.fp16_fix (kl_ae.fp16_fix.ActivationPenalty)
+    with accelerator.autocast(), penalty.collecting() if penalty is not None else contextlib.nullcontext():
         forward = m.autoencoder(x, eq)
     reconstruction, posterior = forward.reconstruction.float(), forward.posterior
-    terms, parts = losses.autoencoder_terms(x, reconstruction, posterior, ae.logvar, cfg, m.perceptual)
+    target, original = x, None
+    if m.original is not None:  # fp16-fix: the frozen original's decode of the same z, and its posterior
+        with torch.no_grad(), accelerator.autocast():
+            original = m.original.encode(x).latent_dist
+            target = m.original.decode(forward.z.detach()).sample.float()
+    terms, parts = losses.autoencoder_terms(target, reconstruction, posterior, ae.logvar, cfg, m.perceptual)
     out, surrogate = {}, None
+    if original is not None:
+        terms["fp16_fix_latent"] = losses.Term(
+            (posterior.mean.float() - original.mean.float()).square().mean(), cfg.fp16_fix_latent_weight)
+    if penalty is not None:
+        terms["fp16_fix_activation"] = losses.Term(penalty.penalty(x.device), cfg.fp16_fix_activation_weight)
+        out["fp16_fix/max_activation"] = torch.tensor(penalty.max_activation, device=x.device)
     if cfg.eq_weight > 0:  # every step logs loss/eq (0 without a transform): the same keys on every rank
         terms["eq"] = losses.Term(reconstruction.new_zeros(()) if eq is None else regularizers.equivariance_loss(
             eq.image(x, downsampling_factor(ae.vae)), forward.eq_reconstruction.float(), cfg.l1_weight,

@@ -28,6 +28,8 @@ from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
 from kl_ae.config import Config, config_yaml, save_config
 from kl_ae.data.images import shuffle_channels
 from kl_ae.data.loaders import TrainBatches
+from kl_ae.eval.fp16 import first_images
+from kl_ae.fp16_fix import ActivationPenalty, rescale_for_fp16
 from kl_ae.distributed import check_distributed, check_fsdp_units, process_state, unsharded_autoencoder
 from kl_ae.model import (
     RUN_CONFIG, AutoencoderWrapper, build_discriminator, check_init_from, check_resume, count_parameters,
@@ -47,6 +49,8 @@ from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 from kl_ae.tracking import flat_config, init_kwargs, tracker_names
 
 logger = logging.getLogger("kl_ae")
+
+FP16_FIX_CALIBRATION_IMAGES = 4  # images of data.train the fp16-fix's exact rescaling is measured on
 
 # optim.implementation -> torch.optim.Adam keyword arguments (same update, different kernels)
 _ADAM_KERNEL = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True},
@@ -112,17 +116,20 @@ class _Frozen:
     perceptual_name: str = "lpips"
     teacher: torch.nn.Module | None = None
     teacher_name: str = "vf"
+    original: torch.nn.Module | None = None  # loss.fp16_fix: model.init_from as loaded, the target
 
 
 def _build(cfg: Config, accelerator: Accelerator, frozen: _Frozen):
     """Models, optimizers and schedulers, before Accelerate's prepare."""
-    for net in (frozen.perceptual, frozen.teacher):
+    for net in (frozen.perceptual, frozen.teacher, frozen.original):
         if net is not None:
             net.to(accelerator.device)
     perceptual, perceptual_name = frozen.perceptual, frozen.perceptual_name
     vae = load_or_build_autoencoder(cfg.model)
     ae = AutoencoderWrapper(vae, cfg.loss.logvar_init, cfg.loss.learn_logvar, latent_noise=cfg.loss.latent_noise,
                             vf_dim=frozen.teacher.dim if frozen.teacher is not None else 0)
+    if cfg.loss.fp16_fix:
+        _start_fp16_fix(cfg, ae)
     disc = build_discriminator(cfg.loss)
     lr = scaled_learning_rate(cfg, accelerator.num_processes)
     if cfg.train.gradient_checkpointing:
@@ -149,6 +156,20 @@ def _build(cfg: Config, accelerator: Accelerator, frozen: _Frozen):
         f"{frozen.teacher_name} ({cfg.loss.vf_teacher_arch})" if frozen.teacher is not None else "off",
     )
     return ae, disc, opt_ae, opt_disc, sched_ae, sched_disc
+
+
+def _start_fp16_fix(cfg: Config, ae: AutoencoderWrapper) -> None:
+    """loss.fp16_fix: scale the init_from VAE's residual streams down to the activation limit
+    (exact, kl_ae.fp16_fix), measured on the first images of data.train, which every rank reads
+    alike; then hook the penalty on its activations. On resume the checkpoint's weights replace
+    the rescaled ones."""
+    limit = cfg.loss.fp16_fix_activation_limit
+    x = first_images(cfg.data.train, cfg.data.resolution, FP16_FIX_CALIBRATION_IMAGES)
+    factors = rescale_for_fp16(ae.vae, x, limit)
+    scaled = {k: round(v, 6) for k, v in factors.items() if v < 1.0}
+    logger.info("fp16-fix: residual streams and conv1 outputs scaled to at most %g on %d images of data.train: %s",
+                limit, x.shape[0], scaled or "nothing above the limit")
+    ae.activation_penalty = ActivationPenalty(ae.vae, limit)
 
 
 def _move_aside(run_dir: Path) -> Path:
@@ -199,6 +220,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     frozen = _Frozen()
     if cfg.loss.perceptual_weight > 0:
         frozen.perceptual, frozen.perceptual_name = build_lpips(cfg.loss.lpips_trunk)
+    if cfg.loss.fp16_fix:
+        frozen.original = load_or_build_autoencoder(cfg.model).requires_grad_(False).eval()
     if cfg.loss.vf_weight > 0:
         frozen.teacher, frozen.teacher_name = build_teacher(cfg.loss.vf_teacher_arch, cfg.loss.vf_teacher,
                                                             cfg.loss.vf_teacher_resolution)
@@ -251,7 +274,7 @@ def _train(cfg: Config, accelerator: Accelerator, run_dir: Path, ckpt: Path | No
     if ema is not None:
         ema.to(accelerator.device)
     models = StepModels(ae, disc, opt_ae, opt_disc, sched_ae, sched_disc, frozen.perceptual, frozen.perceptual_name,
-                        frozen.teacher, frozen.teacher_name)
+                        frozen.teacher, frozen.teacher_name, frozen.original)
 
     state = LoopState()
     if ckpt is None:

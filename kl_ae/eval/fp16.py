@@ -27,6 +27,7 @@ from kl_ae.data.sources import iter_images
 from kl_ae.eval.metrics import psnr_8bit
 
 FP16_MAX = 65504.0
+FP16_AUDIT = "fp16_audit.json"  # in an export (written by the trainer), stated by its model card
 
 
 def _block_of(name: str) -> str:
@@ -37,16 +38,22 @@ def _block_of(name: str) -> str:
     return ".".join(parts[:2]) if parts[0] in ("encoder", "decoder") else parts[0]
 
 
+def first_images(images: str, resolution: int, count: int) -> torch.Tensor:
+    """The first ``count`` usable images of ``images`` (a folder, shards or builtin set) under the
+    eval protocol: (N, 3, R, R) float32 in [-1, 1]. Raises ValueError when none could be read."""
+    x = [eval_transform(img, resolution) for _, img in itertools.islice(iter_images(images), count)]
+    if not x:
+        raise ValueError(f"no usable image in {images!r}")
+    return torch.stack(x)
+
+
 @torch.no_grad()
 def fp16_audit(vae, images: str, resolution: int = 256, max_images: int = 4, device: str | None = None) -> dict:
     """The audit of the module docstring on the first ``max_images`` usable images of ``images``
     (short side resized to ``resolution``, centre crop). fp16 runs on CUDA when available, else on
     the CPU (slow but supported). Raises ValueError when no image could be read."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    x = [eval_transform(img, resolution) for _, img in itertools.islice(iter_images(images), max_images)]
-    if not x:
-        raise ValueError(f"no usable image in {images!r} for the fp16 audit")
-    x = torch.stack(x).to(device)
+    x = first_images(images, resolution, max_images).to(device)
     vae32 = copy.deepcopy(vae).to(device=device, dtype=torch.float32).eval()
     peaks: dict[str, float] = {}
 
