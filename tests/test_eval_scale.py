@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kl_ae.cli import main
-from kl_ae.eval.tiling import full_size_report, tiled
+from kl_ae.eval.tiling import decoder_receptive_field, full_size_report, tiled
 import helpers
 
 
@@ -31,10 +31,21 @@ def folder(tmp_path):
 
 def test_tiled_context_restores_the_model():
     vae = tiny_vae()
-    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
-    with tiled(vae, 16):
+    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor)
+    with tiled(vae, 16, overlap=0.5):
         assert vae.use_tiling and vae.tile_sample_min_size == 16 and vae.tile_latent_min_size == 8
-    assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
+        assert vae.tile_overlap_factor == 0.5
+    assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor) == before
+
+
+def test_decoder_receptive_field_by_hand():
+    # tiny_vae: f = 2, one resnet per block (two in each up block and in the mid block).
+    # Output pixels spanned per 3x3 conv = 2 x (output pixels per input pixel):
+    # conv_in 4, mid block 4 convs x 4 = 16, up block 0 (4 convs at latent scale) 16,
+    # its upsampler's conv (full scale) 2, up block 1 (4 convs) 8, conv_out 2: 48, plus the pixel itself
+    rf = decoder_receptive_field(helpers.tiny_vae())
+    assert rf == {"pixels": 49, "latents": 24.5, "attention": True}
+    assert decoder_receptive_field(helpers.tiny_vae(mid_block_add_attention=False))["attention"] is False
 
 
 def test_full_size_compares_tiled_with_untiled(folder):

@@ -25,16 +25,45 @@ from kl_ae.data.sources import iter_images
 
 
 @contextmanager
-def tiled(vae: AutoencoderKL, tile_size: int):
-    """Enable diffusers tiling with square ``tile_size``-pixel tiles (latent tiles tile_size/f)."""
+def tiled(vae: AutoencoderKL, tile_size: int, overlap: float | None = None):
+    """Enable diffusers tiling with square ``tile_size``-pixel tiles (latent tiles tile_size/f)
+    overlapping by ``overlap`` of a tile (diffusers' tile_overlap_factor; None: the model's, 0.25)."""
     f = downsampling_factor(vae)
-    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor)
     vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // f
+    if overlap is not None:
+        vae.tile_overlap_factor = overlap
     vae.enable_tiling()
     try:
         yield vae
     finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
+
+
+@torch.no_grad()
+def decoder_receptive_field(vae: AutoencoderKL) -> dict:
+    """The decoder's convolutional receptive field: how many output pixels (per side) one output
+    pixel's convolution chain spans, 1 + sum over its convolutions of (kernel - 1) * dilation *
+    (output pixels per pixel of that convolution's input), found by hooking every Conv2d in one
+    decode of an 8x8 latent (the decoder's convolutions are stride 1 on one chain; shortcuts are
+    1x1). GroupNorm statistics, and the mid-block attention when present, reach further: every
+    output depends on the whole tile. Returns ``{"pixels", "latents", "attention"}``."""
+    f = downsampling_factor(vae)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m.kernel_size[0], m.dilation[0], i[0].shape[-1])))
+             for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        p = next(vae.parameters())
+        side = 8
+        vae.decoder(torch.zeros(1, vae.config.latent_channels, side, side, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = side * f
+    pixels = 1 + sum((k - 1) * d * out // size for k, d, size in seen)
+    attention = vae.decoder.mid_block is not None and bool(getattr(vae.decoder.mid_block, "attentions", None)
+                                                         and any(a is not None for a in vae.decoder.mid_block.attentions))
+    return {"pixels": pixels, "latents": pixels / f, "attention": attention}
 
 
 def _crop_to_multiple(img, f: int):
