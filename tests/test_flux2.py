@@ -57,3 +57,25 @@ def test_the_shipped_flux2_config_builds_the_flux2_class():
         vae = build_autoencoder(cfg.model)
     assert isinstance(vae, AutoencoderKLFlux2) and vae.config.latent_channels == 32
     assert vae.quant_conv is not None and tuple(vae.config.patch_size) == (2, 2) and vae.bn.num_features == 128
+
+
+def test_a_decoder_only_fine_tune_of_a_flux2_vae_keeps_its_batchnorm_statistics_and_encoder(tmp_path):
+    from kl_ae.model import build_autoencoder
+
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4, size=(40, 48))
+    arch = {"model.preset": "flux2", "model.latent_channels": 8}
+    original = build_autoencoder(load_config(None, helpers.tiny_train_overrides(photos, tmp_path / "x", 1,
+                                                                                **arch)).model)
+    with torch.no_grad():  # statistics as a released FLUX.2 VAE carries them
+        original.bn.running_mean.copy_(torch.linspace(-1, 1, 32))
+        original.bn.running_var.copy_(torch.linspace(0.5, 2, 32))
+    original.save_pretrained(tmp_path / "flux2-vae")
+    train(load_config(None, helpers.tiny_train_overrides(photos, tmp_path / "run", 2, **arch, **{
+        "model.init_from": tmp_path / "flux2-vae", "model.train_encoder": "false"})))
+    tuned = AutoencoderKLFlux2.from_pretrained(tmp_path / "run/export")
+    torch.testing.assert_close(tuned.bn.running_mean, torch.linspace(-1, 1, 32), rtol=0, atol=0)
+    torch.testing.assert_close(tuned.bn.running_var, torch.linspace(0.5, 2, 32), rtol=0, atol=0)
+    before, after = original.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert "kept from model.init_from" in json.loads((tmp_path / "run/export/latent_stats.json").read_text())["source"]
