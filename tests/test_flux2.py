@@ -3,6 +3,7 @@ statistics measured on the training images, and normalise its latents as FLUX.2 
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKLFlux2
 from PIL import Image
@@ -47,6 +48,39 @@ def test_a_flux2_run_exports_batchnorm_statistics_that_normalise_its_latents(tmp
     assert expected.min() > 0.9
     stats = json.loads((export / "latent_stats.json").read_text())
     assert stats["num_images"] == 6 and len(stats["flux2_bn_mean"]) == 32
+    _generate_through_the_flux2_pipeline(vae)
+
+
+def _generate_through_the_flux2_pipeline(vae):
+    """The export as the vae of a real diffusers Flux2Pipeline with a tiny random transformer;
+    prompt embeddings are given, so no text encoder or tokenizer is needed (transformers is, to
+    import the pipeline module). The pipeline de-normalises the generated latents with the
+    export's BatchNorm statistics before decoding: what it decodes is checked against that."""
+    pytest.importorskip("transformers", reason="diffusers' FLUX.2 pipeline module imports transformers")
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=32,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+    decoded = []
+    decode = vae.decode
+    vae.decode = lambda z, *a, **k: decoded.append(z) or decode(z, *a, **k)
+    prompt_embeds = torch.randn(1, 8, 32)
+    packed = pipe(prompt_embeds=prompt_embeds, height=32, width=32, num_inference_steps=2,
+                  output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(prompt_embeds=prompt_embeds, height=32, width=32, num_inference_steps=2,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    vae.decode = decode
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all() and images.std() > 0
+    # the decoded latent, patchified again, is the generated one times sqrt(var + eps) plus mean
+    (z,) = decoded
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    generated = packed.transpose(1, 2).reshape(1, 32, 8, 8)  # (B, h*w, C) tokens back to (B, C, h, w)
+    torch.testing.assert_close(patchify(z), generated * std + mean, atol=1e-5, rtol=1e-5)
 
 
 def test_the_shipped_flux2_config_builds_the_flux2_class():
