@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from kl_ae.config import Config
 
 from kl_ae.checkpoint import resolve_checkpoint
+from kl_ae.eval.tiling import default_tile_size
 from kl_ae.model import autoencoder_from_checkpoint, check_init_from
 
 logger = logging.getLogger(__name__)
@@ -189,10 +190,11 @@ def format_factors(factors: dict) -> str:
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
     """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors)."""
     out_dir = Path(out_dir)
-    # sample_size only sets diffusers' tile size (enable_tiling); tiles of the training crop
-    # size keep GroupNorm statistics closest to what the model was trained on.
+    # sample_size only sets diffusers' tile size (enable_tiling): the training resolution, or more
+    # when the decoder's receptive field is wider (measured in bench/tiling.py)
+    tile = default_tile_size(vae, int(factors["resolution"]))
     if hasattr(vae, "bn"):  # AutoencoderKLFlux2: its pipelines read the BatchNorm statistics, no factors
-        vae.register_to_config(sample_size=int(factors["resolution"]))
+        vae.register_to_config(sample_size=tile)
         if factors.get("flux2_bn_mean") is not None:  # measured (a decoder-only fine-tune keeps its own)
             with torch.no_grad():
                 vae.bn.running_mean.copy_(torch.tensor(factors["flux2_bn_mean"]))
@@ -202,7 +204,7 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
         logger.info("exported to %s (FLUX.2 BatchNorm statistics of %s images)", out_dir, factors.get("num_images"))
         return out_dir
     vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"],
-                           sample_size=int(factors["resolution"]))
+                           sample_size=tile)
     if factors.get("store_latents_mean_std"):
         vae.register_to_config(latents_mean=list(factors["latents_mean"]), latents_std=list(factors["latents_std"]))
     vae.save_pretrained(out_dir, safe_serialization=True)

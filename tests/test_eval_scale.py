@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kl_ae.cli import main
-from kl_ae.eval.tiling import decoder_receptive_field, full_size_report, tiled
+from kl_ae.eval.tiling import decoder_receptive_field, default_tile_size, full_size_report, tiled
 import helpers
 
 
@@ -46,6 +46,11 @@ def test_decoder_receptive_field_by_hand():
     rf = decoder_receptive_field(helpers.tiny_vae())
     assert rf == {"pixels": 49, "latents": 24.5, "attention": True}
     assert decoder_receptive_field(helpers.tiny_vae(mid_block_add_attention=False))["attention"] is False
+
+
+def test_default_tile_size_covers_the_receptive_field():
+    vae = helpers.tiny_vae()  # receptive field 49 px
+    assert default_tile_size(vae, 32) == 64 and default_tile_size(vae, 128) == 128
 
 
 def test_full_size_compares_tiled_with_untiled(folder):
