@@ -8,8 +8,10 @@ diffusers ``AutoencoderKL.enable_tiling`` encodes and decodes overlapping tiles 
 of a tile (0.25 unless changed on the loaded model). On each image, resized to a short side of
 ``--short-side`` pixels (so that the untiled pass fits) and cropped to a multiple of the model's
 factor, this reconstructs the posterior mode untiled and then tiled for every tile size and
-overlap, and reports PSNR(untiled) - PSNR(tiled) (dB, positive: tiling is worse; kl-ae eval's
-8-bit PSNR) and the tiled pass's time relative to the untiled one. Also prints the decoder's
+overlap (enable_tiling tiles the encoder and the decoder alike, and so does this), and reports
+PSNR(untiled) - PSNR(tiled) (dB, positive: tiling is worse; kl-ae eval's 8-bit PSNR) and the tiled
+pass's time relative to the untiled one (the first image's untiled pass includes warm-up, so its
+ratios read low). Also prints the decoder's
 receptive field (kl_ae.eval.tiling.decoder_receptive_field). Writes result.json and table.md to
 ``--out``. A benchmark, not a test: the timings are this machine's.
 """

@@ -47,6 +47,9 @@ def check_config(cfg) -> None:
         if loss.latent_noise > 0:
             raise ConfigError("loss.fp16_fix trains the decoder to reproduce the original's decode of the same z: "
                               "set loss.latent_noise=0")
+        if t.gradient_checkpointing:
+            raise ConfigError("loss.fp16_fix's activation penalty cannot run under train.gradient_checkpointing "
+                              "(the recomputed forward would not rebuild its terms): set it to false")
         if not 0 < loss.fp16_fix_activation_limit <= 65504:
             raise ConfigError("loss.fp16_fix_activation_limit must be in (0, 65504] (fp16's largest value), "
                               f"got {loss.fp16_fix_activation_limit}")

@@ -92,8 +92,9 @@ def rescale_stream(net: nn.Module, factor: float) -> None:
 
 @torch.no_grad()
 def _peaks(vae: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Largest |value| of each network's residual stream (every stream module's output: the
-    resnets, attentions, conv_in, samplers) and of each resnet's conv1 output, on images x."""
+    """Largest |value| of each network's residual stream (the output of every module that
+    scales with it: conv_in, resnets, attentions, samplers, and each block's conv2, shortcut and
+    attention projection) and of each resnet's conv1 output, on images x."""
     peaks: dict[str, float] = {}
     handles = []
 
@@ -105,7 +106,8 @@ def _peaks(vae: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
     for name in ("encoder", "decoder"):
         net = getattr(vae, name)
-        handles += [m.register_forward_hook(record(name)) for m in _stream_outputs(net)]
+        full, bias_only = _stream_parts(net)  # their outputs scale with the stream too (the audit reads them)
+        handles += [m.register_forward_hook(record(name)) for m in [*_stream_outputs(net), *full, *bias_only]]
         handles += [r.conv1.register_forward_hook(record(f"{name}.conv1.{i}")) for i, r in enumerate(_resnets(net))]
     try:
         vae.decode(vae.encode(x).latent_dist.mode())
@@ -119,7 +121,8 @@ def _peaks(vae: nn.Module, x: torch.Tensor) -> dict[str, float]:
 def rescale_for_fp16(vae: nn.Module, x: torch.Tensor, limit: float) -> dict[str, float]:
     """Scale ``vae``'s residual streams and its resnets' conv1 outputs down, in place and exactly
     (module docstring), so that their largest value on images ``x`` ((B, 3, H, W) in [-1, 1]) is
-    at most ``limit``; nothing is scaled up. Returns the factor applied to each (1.0: untouched)."""
+    at most ``limit``; nothing is scaled up. Returns ``{"encoder": c, "decoder": c}`` (1.0: the
+    stream was within the limit) plus ``"<net>.conv1.<i>": c`` for each conv1 that was scaled."""
     peaks = _peaks(vae, x)
     factors = {}
     for name in ("encoder", "decoder"):
@@ -141,7 +144,8 @@ def rescale_for_fp16(vae: nn.Module, x: torch.Tensor, limit: float) -> dict[str,
 class ActivationPenalty:
     """Penalty on activation magnitudes above ``limit``, collected by forward hooks on every
     submodule of ``vae`` while :meth:`collecting` is active (the training forward only; evaluation
-    and the recomputation of gradient checkpointing are not collected).
+    are not collected). Not usable with gradient checkpointing (train.gradient_checkpointing: a
+    config error), whose recomputation would not rebuild the terms saved in the forward.
 
     penalty = sum over module outputs a of mean(relu(|a| / limit - 1)^2): zero while every value
     is within the limit, quadratic in the excess, independent of the network's size otherwise.
@@ -179,10 +183,17 @@ class ActivationPenalty:
             self._active = False
 
     def penalty(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The collected penalty, a scalar tensor (0 when nothing exceeded the limit)."""
-        if not self._terms:
+        """The collected penalty, a scalar tensor (0 when nothing exceeded the limit). The terms
+        are handed over: the penalty keeps no reference to the step's autograd graph."""
+        terms, self._terms = self._terms, []
+        if not terms:
             return torch.zeros((), device=device)
-        return torch.stack(self._terms).sum()
+        return torch.stack(terms).sum()
+
+    def __deepcopy__(self, memo):
+        # copy.deepcopy of the hooked model (the fp16 audit, EMA copies) copies its hooks, bound to
+        # this object: share it (it collects only inside collecting()) rather than copy graph tensors
+        return self
 
     def remove(self) -> None:
         for h in self._handles:

@@ -83,7 +83,7 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
         "read the factors from config.json: the SD3 and FLUX.1 pipelines both, the SD 1.x, SDXL and "
         "DiT pipelines scaling_factor only.", "",
         *_stats_section(stats),
-        *_fp16_section(fp16_audit),
+        *_fp16_section(fp16_audit, config.get("force_upcast", True)),
         "## Use", "",
         "```python",
         "import torch",
@@ -121,7 +121,7 @@ def _stats_section(stats: dict | None) -> list[str]:
     return lines
 
 
-def _fp16_section(audit: dict | None) -> list[str]:
+def _fp16_section(audit: dict | None, force_upcast: bool) -> list[str]:
     lines = ["## float16", ""]
     if audit is None:
         return lines + ["Not audited: `kl-ae eval EXPORT IMAGES --fp16-audit` says whether it encodes and decodes "
@@ -129,7 +129,10 @@ def _fp16_section(audit: dict | None) -> list[str]:
     lines += [f"kl-ae's fp16 audit ({audit['images']} images at {audit['resolution']} px): "
               + " ".join(format_fp16_audit(audit)).split(": ", 1)[1] + ".", ""]
     if audit["fp16_safe"]:
-        lines += ["It can be loaded with `torch_dtype=torch.float16`.", ""]
+        lines += ["It can be loaded with `torch_dtype=torch.float16`"
+                  + (" (config.json keeps `force_upcast: true`, so SDXL pipelines still decode it in float32)."
+                     if force_upcast else "; config.json says `force_upcast: false`, so SDXL pipelines keep it "
+                     "in float16."), ""]
     else:
         lines += ["**Do not run it in float16** (NaN or black images): use float32 or bfloat16.", ""]
     return lines

@@ -82,7 +82,7 @@ def audit_export(vae, export_dir: Path, images: str, resolution: int) -> dict | 
         logger.warning("fp16 audit of the export failed (run kl-ae eval %s IMAGES --fp16-audit): %s: %s",
                        export_dir, type(err).__name__, err)
         return None
-    (export_dir / FP16_AUDIT).write_text(json.dumps({**audit, "images_source": images}, indent=2))
+    (export_dir / FP16_AUDIT).write_text(json.dumps(audit, indent=2))  # no local path: it goes to the Hub
     logger.info("%s", "\n".join(format_fp16_audit(audit)))
     return audit
 
@@ -95,7 +95,12 @@ def finish_run(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
-        audit_export(vae, export_dir, cfg.data.val or cfg.data.train, cfg.data.resolution)
+        audit = audit_export(vae, export_dir, cfg.data.val or cfg.data.train, cfg.data.resolution)
+        if cfg.loss.fp16_fix and audit is not None and audit["fp16_safe"]:
+            # SDXL pipelines upcast a VAE to fp32 unless its config says force_upcast: false
+            vae.register_to_config(force_upcast=False)
+            vae.save_config(export_dir)
+            logger.info("fp16-fix: the export passes the fp16 audit; config.json says force_upcast: false")
         # kl-ae export of this checkpoint reuses them (and never reads a received run's data.train)
         final_checkpoint = run_dir / "checkpoints" / ckpt_io.checkpoint_name(step)
         if final_checkpoint.is_dir():

@@ -125,7 +125,9 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     reconstruction, posterior = forward.reconstruction.float(), forward.posterior
     target, original = x, None
     if m.original is not None:  # fp16-fix: the frozen original's decode of the same z, and its posterior
-        with torch.no_grad(), accelerator.autocast():
+        # not under fp16 autocast: the original is the model that overflows fp16
+        fp16 = accelerator.mixed_precision == "fp16"
+        with torch.no_grad(), accelerator.autocast() if not fp16 else contextlib.nullcontext():
             original = m.original.encode(x).latent_dist
             target = m.original.decode(forward.z.detach()).sample.float()
     terms, parts = losses.autoencoder_terms(target, reconstruction, posterior, ae.logvar, cfg, m.perceptual)

@@ -70,9 +70,11 @@ def test_activation_penalty_formula_and_collection():
     with penalty.collecting():
         net(a)
     # relu(|a| / 2 - 1)^2 = [0, 0.25, 1, 0], mean 0.3125 (the root module is not hooked: counted once)
-    assert penalty.penalty().item() == pytest.approx(0.3125)
+    value = penalty.penalty()
+    assert value.item() == pytest.approx(0.3125)
     assert penalty.max_activation == 4.0
-    penalty.penalty().backward()
+    assert penalty.penalty().item() == 0.0  # handed over: the penalty holds no graph afterwards
+    value.backward()
     assert a.grad[0] == 0 and a.grad[1] > 0 and a.grad[2] < 0  # pushes |a| down where above the limit
     with pytest.raises(ValueError, match="limit"):
         ActivationPenalty(net, limit=1e6)
@@ -132,6 +134,7 @@ def test_fp16_fix_fine_tune_passes_the_audit_and_keeps_outputs_and_factors(tmp_p
     assert (mean_f - mean_o).abs().max() < 0.05 * mean_o.abs().max()  # and the latent space
     config = json.loads((tmp_path / "run/export/config.json").read_text())
     assert config["scaling_factor"] == 0.123  # the original's factors, not re-measured
+    assert config["force_upcast"] is False  # it passed the audit: SDXL pipelines may keep it in fp16
     log = (tmp_path / "run/train.log").read_text()
     assert "fp16-fix: residual streams" in log and "loss/fp16_fix_latent" in log
     assert "loss/fp16_fix_activation" in log
@@ -140,4 +143,22 @@ def test_fp16_fix_fine_tune_passes_the_audit_and_keeps_outputs_and_factors(tmp_p
     audit = json.loads((tmp_path / "run/export" / FP16_AUDIT).read_text())
     assert audit["fp16_safe"]
     card = (prepare_hub_folder(tmp_path / "run/export", tmp_path / "hub", "me/vae") / "README.md").read_text()
-    assert "fp16-safe" in card and "torch_dtype=torch.float16" in card
+    assert "fp16-safe" in card and "torch_dtype=torch.float16" in card and "force_upcast: false" in card
+
+
+def test_a_hooked_model_deep_copies_after_a_step_that_built_penalty_terms():
+    """The audit and EMA copies deep-copy the model with its hooks: the penalty keeps no graph."""
+    import copy
+
+    vae = helpers.tiny_vae(4)
+    penalty = ActivationPenalty(vae, limit=1e-3)  # every activation exceeds it
+    with penalty.collecting():
+        vae.decode(vae.encode(torch.rand(1, 3, 16, 16)).latent_dist.mode())
+    penalty.penalty().backward()
+    copied = copy.deepcopy(vae)
+    assert copied is not vae and torch.equal(copied.decoder.conv_in.weight, vae.decoder.conv_in.weight)
+
+
+def test_fp16_fix_refuses_gradient_checkpointing():
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(None, ["loss.fp16_fix=true", "model.init_from=x", "train.gradient_checkpointing=true"])

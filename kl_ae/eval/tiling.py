@@ -67,11 +67,12 @@ def decoder_receptive_field(vae: AutoencoderKL) -> dict:
 
 
 def default_tile_size(vae: AutoencoderKL, resolution: int) -> int:
-    """The tile side an export stores as ``sample_size`` (diffusers' enable_tiling tile): the
-    training resolution, or the smallest power of two that covers the decoder's convolutional
-    receptive field when that is larger. Measured (bench/tiling.py, BENCHMARKS.md "Tiled
-    decoding"): tiles narrower than the receptive field cost up to 0.9 dB on a photograph, tiles
-    at least as wide at most 0.3 dB and nothing on average."""
+    """The tile side an export stores as ``sample_size`` (diffusers' enable_tiling tile, for
+    tiled encoding and decoding alike): the training resolution, or the smallest power of two
+    that covers the decoder's convolutional receptive field when that is larger. Measured
+    (bench/tiling.py, tiled encode and decode, BENCHMARKS.md "Tiled decoding"): tiles narrower
+    than the receptive field cost up to 0.9 dB on a photograph, tiles at least as wide at most
+    0.3 dB and nothing on average."""
     rf = decoder_receptive_field(vae)["pixels"]
     return max(int(resolution), 2 ** math.ceil(math.log2(rf)))
 
