@@ -143,8 +143,8 @@ def rescale_for_fp16(vae: nn.Module, x: torch.Tensor, limit: float) -> dict[str,
 
 class ActivationPenalty:
     """Penalty on activation magnitudes above ``limit``, collected by forward hooks on every
-    submodule of ``vae`` while :meth:`collecting` is active (the training forward only; evaluation
-    are not collected). Not usable with gradient checkpointing (train.gradient_checkpointing: a
+    submodule of ``vae`` while :meth:`collecting` is active (the training forward only; evaluation,
+    grids and the export are not collected). Not usable with gradient checkpointing (train.gradient_checkpointing: a
     config error), whose recomputation would not rebuild the terms saved in the forward.
 
     penalty = sum over module outputs a of mean(relu(|a| / limit - 1)^2): zero while every value

@@ -126,8 +126,7 @@ def _fp16_section(audit: dict | None, force_upcast: bool) -> list[str]:
     if audit is None:
         return lines + ["Not audited: `kl-ae eval EXPORT IMAGES --fp16-audit` says whether it encodes and decodes "
                         "in float16 without overflow.", ""]
-    lines += [f"kl-ae's fp16 audit ({audit['images']} images at {audit['resolution']} px): "
-              + " ".join(format_fp16_audit(audit)).split(": ", 1)[1] + ".", ""]
+    lines += ["kl-ae's " + "; ".join(line.strip() for line in format_fp16_audit(audit)) + ".", ""]
     if audit["fp16_safe"]:
         lines += ["It can be loaded with `torch_dtype=torch.float16`"
                   + (" (config.json keeps `force_upcast: true`, so SDXL pipelines still decode it in float32)."

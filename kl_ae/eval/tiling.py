@@ -61,8 +61,7 @@ def decoder_receptive_field(vae: AutoencoderKL) -> dict:
             h.remove()
     out = side * f
     pixels = 1 + sum((k - 1) * d * out // size for k, d, size in seen)
-    attention = vae.decoder.mid_block is not None and bool(getattr(vae.decoder.mid_block, "attentions", None)
-                                                         and any(a is not None for a in vae.decoder.mid_block.attentions))
+    attention = any(a is not None for a in getattr(vae.decoder.mid_block, "attentions", None) or [])
     return {"pixels": pixels, "latents": pixels / f, "attention": attention}
 
 
