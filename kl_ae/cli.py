@@ -21,14 +21,20 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
-    from kl_ae.config import find_config, load_config
+    from kl_ae.config import CPU_WITHOUT_BF16_SECTION, applies_on_this_cpu, find_config, load_config
     from kl_ae.config_docs import describe, list_configs
 
     if args.list:
         print(list_configs(), end="")
         return
     cfg = load_config(args.config, args.set or [])
-    layers = ["defaults"] + ([str(find_config(args.config))] if args.config else []) + [f"--set {s}" for s in args.set or []]
+    layers = ["defaults"]
+    if args.config:
+        path = find_config(args.config)
+        layers.append(str(path))
+        if applies_on_this_cpu(path):
+            layers.append(f"its {CPU_WITHOUT_BF16_SECTION} section (this CPU has no bf16 arithmetic)")
+    layers += [f"--set {s}" for s in args.set or []]
     print(describe(cfg, "kl-ae config: " + " + ".join(layers) + ". Train with it: save this output to a file "
                         "and run kl-ae train FILE."), end="")
 

@@ -8,6 +8,7 @@ raises :class:`ConfigError` naming the key, before any model is built.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import yaml
 
 from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS
 from kl_ae.parsing import ConfigError, apply, load_yaml, parse_override
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -344,20 +347,79 @@ def find_config(name_or_path: str | Path) -> Path:
                       f"({', '.join(shipped)}; list them with kl-ae config --list)")
 
 
+# A config file's top-level section whose values replace the file's own on a CPU without bf16
+# arithmetic (see cpu_without_bf16). Such a CPU makes about a tenth of the training steps per minute
+# of one with AMX, and a recipe tuned for a wall-clock budget then wants a smaller model: the
+# quickstart's narrower model scores 2 dB higher in its 6 minutes there (BENCHMARKS.md).
+CPU_WITHOUT_BF16_SECTION = "on_cpu_without_bf16"
+
+
+def cpu_without_bf16() -> bool:
+    """Whether this machine trains on a CPU without bf16 arithmetic: no CUDA device, and
+    :func:`kl_ae.precision.native_bf16` false for the CPU (no AVX512-BF16 or AMX). Such a CPU trains
+    in fp32 under ``train.mixed_precision: auto``."""
+    import torch
+
+    from kl_ae.precision import native_bf16
+
+    return not torch.cuda.is_available() and not native_bf16(torch.device("cpu"))[0]
+
+
+def _file_layers(path: Path) -> list[dict]:
+    """The YAML file's values, then its ``on_cpu_without_bf16`` section where that applies here.
+    The section is checked (keys, types) on every machine, so a typo in it fails everywhere."""
+    try:
+        values = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(values, dict) or CPU_WITHOUT_BF16_SECTION not in values:
+        return [values]
+    values = dict(values)
+    machine = values.pop(CPU_WITHOUT_BF16_SECTION)
+    if not isinstance(machine, dict):
+        raise ConfigError(f"{CPU_WITHOUT_BF16_SECTION} in {str(path)!r} must be a mapping of config sections "
+                          f"(like the file itself), got {machine!r}")
+    apply(Config(), machine, f"{CPU_WITHOUT_BF16_SECTION}.")
+    if not cpu_without_bf16():
+        return [values]
+    logger.info("config %s: this CPU has no bf16 arithmetic, so its %s section applies: %s", path.name,
+                CPU_WITHOUT_BF16_SECTION, ", ".join(f"{k}={v}" for k, v in _dotted(machine)))
+    return [values, machine]
+
+
+def applies_on_this_cpu(path: str | Path) -> bool:
+    """Whether config file ``path`` has an ``on_cpu_without_bf16`` section that applies here."""
+    try:
+        values = load_yaml(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(values, dict) and CPU_WITHOUT_BF16_SECTION in values and cpu_without_bf16()
+
+
+def _dotted(values: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a Config from the defaults, a YAML file (or a shipped config's name, see
     :func:`find_config`) and ``dotted.key=value`` overrides.
+
+    A file's top-level ``on_cpu_without_bf16`` section (sections and keys as in the file) replaces
+    the file's values when :func:`cpu_without_bf16` holds on this machine; ``overrides`` still win.
+    The resolved config (what a run's config.yaml stores) has no such section.
 
     Raises:
         ConfigError: missing/unreadable file, unknown key, wrong type or unusable value.
     """
     layers = []
     if path is not None:
-        path = find_config(path)
-        try:
-            layers.append(load_yaml(path.read_text()) or {})
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        layers += _file_layers(find_config(path))
     layers += [parse_override(item) for item in overrides]
     cfg = Config()
     for values in layers:  # first the preset the layers name (the last one wins): the defaults beneath them

@@ -96,3 +96,53 @@ def test_resolved_config_round_trips(tmp_path):
 def test_unusable_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, override.split("|"))
+
+
+@pytest.mark.parametrize("without_bf16", [True, False])
+def test_on_cpu_without_bf16_section_replaces_the_files_values_only_there(monkeypatch, tmp_path, without_bf16):
+    """The quickstart trains a narrower model on a CPU without bf16 arithmetic; --set still wins,
+    and the resolved config has no such section and loads back to the same values."""
+    monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: without_bf16)
+    cfg = load_config("quickstart")
+    assert cfg.model.block_out_channels == ([16, 32, 64, 64] if without_bf16 else [48, 96, 192, 192])
+    assert cfg.train.max_minutes == 5.5  # the rest of the file applies on both
+    chosen = load_config("quickstart", ["model.block_out_channels=[32,64,128,128]"])
+    assert chosen.model.block_out_channels == [32, 64, 128, 128]
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert "on_cpu_without_bf16" not in (tmp_path / "resolved.yaml").read_text()
+    monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: not without_bf16)  # another machine
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_kl_ae_config_says_when_the_section_applied(monkeypatch, capsys):
+    from kl_ae.cli import main
+
+    for without_bf16 in (True, False):
+        monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: without_bf16)
+        assert main(["config", "quickstart"]) == 0
+        header = capsys.readouterr().out.split("\n\n")[0]
+        assert ("on_cpu_without_bf16" in header) is without_bf16, header
+
+
+@pytest.mark.parametrize("section, match", [
+    ("on_cpu_without_bf16:\n  model:\n    block_out_chanels: [8, 16]\n", "on_cpu_without_bf16.model.block_out_chanels"),
+    ("on_cpu_without_bf16:\n  model:\n    block_out_channels: 16\n", "on_cpu_without_bf16.model.block_out_channels"),
+    ("on_cpu_without_bf16: [16, 32]\n", "must be a mapping"),
+])
+@pytest.mark.parametrize("without_bf16", [True, False])
+def test_a_bad_on_cpu_without_bf16_section_fails_on_every_machine(monkeypatch, tmp_path, section, match,
+                                                                   without_bf16):
+    monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: without_bf16)
+    (tmp_path / "c.yaml").write_text("train:\n  max_steps: 3\n" + section)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("cuda, native, expected", [(False, False, True), (False, True, False), (True, False, False)])
+def test_cpu_without_bf16_means_no_cuda_and_no_native_bf16(monkeypatch, cuda, native, expected):
+    import kl_ae.config
+
+    monkeypatch.undo()  # the conftest fixture replaced the function under test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr("kl_ae.precision.native_bf16", lambda device: (native, "stub"))
+    assert kl_ae.config.cpu_without_bf16() is expected

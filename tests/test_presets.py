@@ -135,11 +135,17 @@ def test_shipped_yaml_states_only_what_differs_from_the_defaults(path):
 
     from kl_ae.parsing import apply
 
+    from kl_ae.config import CPU_WITHOUT_BF16_SECTION
+
     raw = yaml.safe_load(path.read_text())
+    machine = raw.pop(CPU_WITHOUT_BF16_SECTION, {})  # beneath it: the file's own values
     beneath = Config()
     if raw.get("model", {}).get("preset"):
         apply(beneath.model, preset_values(raw["model"]["preset"]), "model.")
     restated = [f"{section}.{key}: {value!r}" for section, values in raw.items() for key, value in values.items()
                 if key != "preset" and getattr(getattr(beneath, section), key) == value]
+    apply(beneath, raw)
+    restated += [f"{CPU_WITHOUT_BF16_SECTION}.{section}.{key}: {value!r}" for section, values in machine.items()
+                 for key, value in values.items() if getattr(getattr(beneath, section), key) == value]
     assert not restated, f"{path.name} restates defaults: {restated}"
     assert set(raw) <= {f.name for f in dataclasses.fields(Config)}
