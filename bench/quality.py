@@ -223,7 +223,8 @@ def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolut
 
 def _table(a: argparse.Namespace, results: dict, baselines: dict | None, meta: dict) -> str:
     lines = [f"config {Path(a.config).name}, train {_short(a.data)}, val {_short(a.val)}, budget {a.minutes:g} min, "
-             f"precision {meta['precision']} ({meta['cpu_capability']}), {meta['device']}", "",
+             f"precision {meta['precision']} ({meta['cpu_capability']}), {meta['device']}, "
+             f"model {meta.get('block_out_channels')} (before --variant overrides)", "",
              "| trainer | minutes | images seen | step | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for p in r["points"]:
@@ -331,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision": precision,
-            "precision_note": note, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "precision_note": note, "date": time.strftime("%Y-%m-%d %H:%M"),
+            # the config's on_cpu_without_bf16 section may have chosen it on this machine
+            "block_out_channels": list(cfg.model.block_out_channels)}
     print(note, flush=True)
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="kl-ae-quality-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,7 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
         f"loss.perceptual_weight={lpips_w}", "loss.lpips_trunk=random", "train.checkpoint_every=1000000",
         "train.image_every=1000000", "train.log_every=1000000", "train.tracker=none",
         f"train.scaling_images={a.batch}",
+        f"model.block_out_channels={a.block_out_channels}".replace(" ", ""),
     ]
     runs: dict[str, list[str]] = {}
 
@@ -214,7 +215,14 @@ def main() -> None:
     data = Path(a.data) if a.data else _materialise_data(work / "data")
     val_image = next(p for p in sorted(data.rglob("*")) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     vae_dir = work / "vae-config"
-    build_autoencoder(load_config(a.config).model).save_config(vae_dir)
+    # The architecture the config file states, on every machine: a throughput figure compares
+    # trainers at one model, not the width a config's on_cpu_without_bf16 section picks for a CPU.
+    import kl_ae.config
+
+    kl_ae.config.cpu_without_bf16 = lambda: False
+    model = load_config(a.config).model
+    a.block_out_channels = list(model.block_out_channels)  # pinned for every kl-ae run by _commands
+    build_autoencoder(model).save_config(vae_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TORCH_HOME": str(work / "torch"), "PYTHONPATH": str(REPO)}
     runs = _commands(a, work, data, vae_dir, val_image)

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS
-from kl_ae.parsing import ConfigError, apply, load_yaml, parse_override
+from kl_ae.parsing import ConfigError, apply, dotted_items, load_yaml, parse_override
+from kl_ae.precision import cpu_without_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -348,21 +349,11 @@ def find_config(name_or_path: str | Path) -> Path:
 
 
 # A config file's top-level section whose values replace the file's own on a CPU without bf16
-# arithmetic (see cpu_without_bf16). Such a CPU makes about a tenth of the training steps per minute
-# of one with AMX, and a recipe tuned for a wall-clock budget then wants a smaller model: the
-# quickstart's narrower model scores 2 dB higher in its 6 minutes there (BENCHMARKS.md).
+# arithmetic (kl_ae.precision.cpu_without_bf16, looked up here so that tests can replace it). Such
+# a CPU makes about a tenth of the training steps per minute of one with AMX, and a recipe tuned
+# for a wall-clock budget then wants a smaller model: the quickstart's narrower model scores 2 dB
+# higher in its 6 minutes there (BENCHMARKS.md).
 CPU_WITHOUT_BF16_SECTION = "on_cpu_without_bf16"
-
-
-def cpu_without_bf16() -> bool:
-    """Whether this machine trains on a CPU without bf16 arithmetic: no CUDA device, and
-    :func:`kl_ae.precision.native_bf16` false for the CPU (no AVX512-BF16 or AMX). Such a CPU trains
-    in fp32 under ``train.mixed_precision: auto``."""
-    import torch
-
-    from kl_ae.precision import native_bf16
-
-    return not torch.cuda.is_available() and not native_bf16(torch.device("cpu"))[0]
 
 
 def _file_layers(path: Path) -> list[dict]:
@@ -383,7 +374,7 @@ def _file_layers(path: Path) -> list[dict]:
     if not cpu_without_bf16():
         return [values]
     logger.info("config %s: this CPU has no bf16 arithmetic, so its %s section applies: %s", path.name,
-                CPU_WITHOUT_BF16_SECTION, ", ".join(f"{k}={v}" for k, v in _dotted(machine)))
+                CPU_WITHOUT_BF16_SECTION, ", ".join(f"{k}={v}" for k, v in dotted_items(machine)))
     return [values, machine]
 
 
@@ -394,16 +385,6 @@ def applies_on_this_cpu(path: str | Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(values, dict) and CPU_WITHOUT_BF16_SECTION in values and cpu_without_bf16()
-
-
-def _dotted(values: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out += _dotted(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

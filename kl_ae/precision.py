@@ -38,6 +38,13 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     return False, f"{device.type} device (bf16 not assumed; set train.mixed_precision=bf16 to use it)"
 
 
+def cpu_without_bf16() -> bool:
+    """Whether this machine trains on a CPU without bf16 arithmetic: no CUDA device, and
+    :func:`native_bf16` false for the CPU (no AVX512-BF16 or AMX). Such a CPU trains in fp32 under
+    ``train.mixed_precision: auto``, and a config's ``on_cpu_without_bf16`` section applies there."""
+    return not torch.cuda.is_available() and not native_bf16(torch.device("cpu"))[0]
+
+
 def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, str, int]:
     """``train.mixed_precision`` -> (value for Accelerate: 'no', 'bf16' or 'fp16', a message for
     the run log, its logging level).

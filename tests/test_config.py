@@ -140,9 +140,8 @@ def test_a_bad_on_cpu_without_bf16_section_fails_on_every_machine(monkeypatch, t
 
 @pytest.mark.parametrize("cuda, native, expected", [(False, False, True), (False, True, False), (True, False, False)])
 def test_cpu_without_bf16_means_no_cuda_and_no_native_bf16(monkeypatch, cuda, native, expected):
-    import kl_ae.config
+    from kl_ae.precision import cpu_without_bf16
 
-    monkeypatch.undo()  # the conftest fixture replaced the function under test
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr("kl_ae.precision.native_bf16", lambda device: (native, "stub"))
-    assert kl_ae.config.cpu_without_bf16() is expected
+    assert cpu_without_bf16() is expected
