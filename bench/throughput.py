@@ -115,13 +115,13 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
         f"loss.perceptual_weight={lpips_w}", "loss.lpips_trunk=random", "train.checkpoint_every=1000000",
         "train.image_every=1000000", "train.log_every=1000000", "train.tracker=none",
         f"train.scaling_images={a.batch}",
-        f"model.block_out_channels={a.block_out_channels}".replace(" ", ""),
     ]
     runs: dict[str, list[str]] = {}
 
     def kl_ae(name: str, extra: list[str]) -> None:
         sets = [*ours, f"train.output_dir={work / 'runs' / name}", *extra]
-        runs[name] = [sys.executable, "-m", "kl_ae.cli", "train", a.config, *sum((["--set", s] for s in sets), [])]
+        runs[name] = [sys.executable, "-m", "kl_ae.cli", "train", a.train_config,
+                      *sum((["--set", s] for s in sets), [])]
 
     kl_ae("kl-ae", [])
     if a.baseline_repo:  # the same command; main() points its PYTHONPATH at that checkout's kl_ae
@@ -198,6 +198,25 @@ def _run(name: str, cmd: list[str], work: Path, env: dict, index: int, expected_
     return rec
 
 
+def _without_cpu_section(config: str, work: Path) -> Path:
+    """A copy of ``config`` without its ``on_cpu_without_bf16`` section (the file itself when it
+    has none): a throughput figure compares trainers at the model the file states, on every
+    machine, and a ``--baseline-repo`` checkout from before that section would reject the key."""
+    import yaml
+
+    from kl_ae.config import CPU_WITHOUT_BF16_SECTION, find_config
+    from kl_ae.parsing import load_yaml
+
+    path = find_config(config)
+    values = load_yaml(path.read_text()) or {}
+    if CPU_WITHOUT_BF16_SECTION not in values:
+        return path
+    values.pop(CPU_WITHOUT_BF16_SECTION)
+    pinned = work / path.name
+    pinned.write_text(yaml.safe_dump(values, sort_keys=False))
+    return pinned
+
+
 def main() -> None:
     a = _parse()
     sys.path.insert(0, str(REPO))
@@ -215,14 +234,8 @@ def main() -> None:
     data = Path(a.data) if a.data else _materialise_data(work / "data")
     val_image = next(p for p in sorted(data.rglob("*")) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     vae_dir = work / "vae-config"
-    # The architecture the config file states, on every machine: a throughput figure compares
-    # trainers at one model, not the width a config's on_cpu_without_bf16 section picks for a CPU.
-    import kl_ae.config
-
-    kl_ae.config.cpu_without_bf16 = lambda: False
-    model = load_config(a.config).model
-    a.block_out_channels = list(model.block_out_channels)  # pinned for every kl-ae run by _commands
-    build_autoencoder(model).save_config(vae_dir)
+    a.train_config = str(_without_cpu_section(a.config, work))
+    build_autoencoder(load_config(a.train_config).model).save_config(vae_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TORCH_HOME": str(work / "torch"), "PYTHONPATH": str(REPO)}
     runs = _commands(a, work, data, vae_dir, val_image)

@@ -18,8 +18,11 @@ def test_configs_are_shipped():
     assert {"quickstart.yaml", "sd-f8c4.yaml", "f8c16.yaml"} <= names
 
 
+@pytest.mark.parametrize("without_bf16", [False, True], ids=["bf16-cpu", "cpu-without-bf16"])
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_builds(path):
+def test_every_shipped_config_loads_and_builds(path, without_bf16, monkeypatch):
+    """On both kinds of machine: an on_cpu_without_bf16 section must pass validation too."""
+    monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: without_bf16)
     cfg = load_config(path)
     with torch.device("meta"):
         vae = build_autoencoder(cfg.model)

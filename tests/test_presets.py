@@ -129,15 +129,13 @@ def test_shipped_yaml_states_only_what_differs_from_the_defaults(path):
     or its preset's value): a config that restates defaults hides what it changes."""
     import dataclasses
 
-    import yaml
-
     from kl_ae.config import Config, preset_values
 
-    from kl_ae.parsing import apply
+    from kl_ae.parsing import apply, load_yaml
 
     from kl_ae.config import CPU_WITHOUT_BF16_SECTION
 
-    raw = yaml.safe_load(path.read_text())
+    raw = load_yaml(path.read_text())  # YAML 1.2, as load_config reads it
     machine = raw.pop(CPU_WITHOUT_BF16_SECTION, {})  # beneath it: the file's own values
     beneath = Config()
     if raw.get("model", {}).get("preset"):
