@@ -204,14 +204,12 @@ def _without_cpu_section(config: str, work: Path) -> Path:
     machine, and a ``--baseline-repo`` checkout from before that section would reject the key."""
     import yaml
 
-    from kl_ae.config import CPU_WITHOUT_BF16_SECTION, find_config
-    from kl_ae.parsing import load_yaml
+    from kl_ae.config import find_config, read_config_file
 
     path = find_config(config)
-    values = load_yaml(path.read_text()) or {}
-    if CPU_WITHOUT_BF16_SECTION not in values:
+    values, section = read_config_file(path)
+    if section is None:
         return path
-    values.pop(CPU_WITHOUT_BF16_SECTION)
     pinned = work / path.name
     pinned.write_text(yaml.safe_dump(values, sort_keys=False))
     return pinned

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS
-from kl_ae.parsing import ConfigError, apply, dotted_items, load_yaml, parse_override
+from kl_ae.parsing import ConfigError, apply, load_yaml, parse_override
 from kl_ae.precision import cpu_without_bf16
 
 logger = logging.getLogger(__name__)
@@ -356,35 +356,24 @@ def find_config(name_or_path: str | Path) -> Path:
 CPU_WITHOUT_BF16_SECTION = "on_cpu_without_bf16"
 
 
-def _file_layers(path: Path) -> list[dict]:
-    """The YAML file's values, then its ``on_cpu_without_bf16`` section where that applies here.
-    The section is checked (keys, types) on every machine, so a typo in it fails everywhere."""
+def read_config_file(path: Path) -> tuple[dict, dict | None]:
+    """A config file's values without its ``on_cpu_without_bf16`` section, and that section (None
+    when the file has none). The section's keys and types are checked here, on every machine, so
+    a typo in it fails everywhere. Raises ConfigError for invalid YAML or a malformed section."""
     try:
         values = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(values, dict) or CPU_WITHOUT_BF16_SECTION not in values:
-        return [values]
-    values = dict(values)
-    machine = values.pop(CPU_WITHOUT_BF16_SECTION)
-    if not isinstance(machine, dict):
-        raise ConfigError(f"{CPU_WITHOUT_BF16_SECTION} in {str(path)!r} must be a mapping of config sections "
-                          f"(like the file itself), got {machine!r}")
-    apply(Config(), machine, f"{CPU_WITHOUT_BF16_SECTION}.")
-    if not cpu_without_bf16():
-        return [values]
-    logger.info("config %s: this CPU has no bf16 arithmetic, so its %s section applies: %s", path.name,
-                CPU_WITHOUT_BF16_SECTION, ", ".join(f"{k}={v}" for k, v in dotted_items(machine)))
-    return [values, machine]
+        return values, None
+    section = values.pop(CPU_WITHOUT_BF16_SECTION)
+    apply(Config(), section, f"{CPU_WITHOUT_BF16_SECTION}.")  # a non-mapping section is an error there too
+    return values, section
 
 
 def applies_on_this_cpu(path: str | Path) -> bool:
     """Whether config file ``path`` has an ``on_cpu_without_bf16`` section that applies here."""
-    try:
-        values = load_yaml(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(values, dict) and CPU_WITHOUT_BF16_SECTION in values and cpu_without_bf16()
+    return read_config_file(Path(path))[1] is not None and cpu_without_bf16()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -400,7 +389,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     layers = []
     if path is not None:
-        layers += _file_layers(find_config(path))
+        path = find_config(path)
+        values, section = read_config_file(path)
+        layers.append(values)
+        if section is not None and cpu_without_bf16():
+            layers.append(section)
+            logger.info("config %s: this CPU has no bf16 arithmetic, so its %s section applies: %s", path.name,
+                        CPU_WITHOUT_BF16_SECTION, ", ".join(f"{name}.{key}={value}" for name, keys in section.items()
+                                                            for key, value in keys.items()))
     layers += [parse_override(item) for item in overrides]
     cfg = Config()
     for values in layers:  # first the preset the layers name (the last one wins): the defaults beneath them

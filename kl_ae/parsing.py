@@ -110,13 +110,3 @@ def parse_override(item: str) -> dict:
         nested = {part: nested}
     return nested
 
-
-def dotted_items(values: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """``{'model': {'layers_per_block': 1}}`` -> ``[('model.layers_per_block', 1)]`` (for messages)."""
-    out = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out += dotted_items(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out

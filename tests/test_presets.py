@@ -129,14 +129,12 @@ def test_shipped_yaml_states_only_what_differs_from_the_defaults(path):
     or its preset's value): a config that restates defaults hides what it changes."""
     import dataclasses
 
-    from kl_ae.config import Config, preset_values
+    from kl_ae.config import CPU_WITHOUT_BF16_SECTION, Config, preset_values, read_config_file
 
-    from kl_ae.parsing import apply, load_yaml
+    from kl_ae.parsing import apply
 
-    from kl_ae.config import CPU_WITHOUT_BF16_SECTION
-
-    raw = load_yaml(path.read_text())  # YAML 1.2, as load_config reads it
-    machine = raw.pop(CPU_WITHOUT_BF16_SECTION, {})  # beneath it: the file's own values
+    raw, machine = read_config_file(path)  # as load_config reads it (YAML 1.2); beneath the section: the file
+    machine = machine or {}
     beneath = Config()
     if raw.get("model", {}).get("preset"):
         apply(beneath.model, preset_values(raw["model"]["preset"]), "model.")
