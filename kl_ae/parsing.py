@@ -109,4 +109,3 @@ def parse_override(item: str) -> dict:
     for part in reversed(parts[:-1]):
         nested = {part: nested}
     return nested
-
