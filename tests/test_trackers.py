@@ -4,6 +4,7 @@ run (next to TensorBoard) records the scalars and the sample grids the trainer l
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def _wandb_records(path: Path) -> list:
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # end of the records, or a chunk still being written
             break
         chunk += data[pos + 7:pos + 7 + length]
         pos += 7 + length
@@ -60,6 +61,22 @@ def _wandb_records(path: Path) -> list:
             records.append(record)
             chunk = b""
     return records
+
+
+def _complete_wandb_records(path: Path, timeout_s: float = 120.0) -> list:
+    """The records of a run-*.wandb file once its writer has closed it (the last record is 'exit').
+    wandb-core (a separate process) writes the file asynchronously and may still be flushing it when
+    ``wandb.finish()`` has returned, most of all on a loaded machine: a CI run read a file that lacked
+    the config record. So poll until the 'exit' record is there; fail naming what was read if not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _wandb_records(path)
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if "exit" in kinds:
+            return records
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} has no 'exit' record {timeout_s:.0f} s after wandb.finish(); records: {kinds}")
+        time.sleep(0.5)
 
 
 def _history(records: list) -> dict:
@@ -92,10 +109,16 @@ def test_offline_wandb_run_records_scalars_and_grids(tmp_path, monkeypatch):
     train(cfg)
 
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = _wandb_records(log)
-    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-              for item in r.config.update}
-    assert config["train.max_steps"] == 2 and config["model.block_out_channels"] == "[8, 16]"
+    records = _complete_wandb_records(log)
+    # the config reaches the file as 'config' records (wandb.config.update after init, as Accelerate
+    # does) or, if wandb-core merges an early update into the run, in the 'run' record's config
+    updates = [r.config.update for r in records if r.WhichOneof("record_type") == "config"]
+    updates += [r.run.config.update for r in records if r.WhichOneof("record_type") == "run"]
+    config = {item.key or ".".join(item.nested_key): json.loads(item.value_json) for update in updates
+              for item in update}
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert config.get("train.max_steps") == 2 and config.get("model.block_out_channels") == "[8, 16]", (
+        f"config keys {sorted(config)[:8]} ({len(config)} in all); records {kinds}")
     history = _history(records)
     assert sorted(history) == [1, 2]
     # the values train.log prints (4 significant digits) are the ones WandB stored
