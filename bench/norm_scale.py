@@ -9,10 +9,13 @@ Scores the model on ``kl-ae eval``'s protocol (short side resized to 256, centre
   tiles     each image cut into window x window tiles, reconstructed tile by tile (seams included)
   gn-window one forward pass, but every 4-D GroupNorm takes its statistics over window-sized
             regions (window / 256 of the feature map per side) instead of the whole map
+  true-mean "whole" with each image's mean colour (per channel) replaced by the input's: what
+            the model would score if it got only the mean colour right (with_true_mean)
 
 A model trained on small crops whose "tiles" and "gn-window" scores beat "whole" has learned to
 rely on GroupNorm statistics of crop-sized regions (BENCHMARKS.md, "Quality per minute"); equal
-scores mean it does not. A diagnosis, not a metric: only "whole" is the model's score.
+scores mean it does not. A "true-mean" score far above "whole" says the error is mostly a
+colour cast (a wrong mean colour), not blur. Diagnoses, not metrics: only "whole" is the model's score.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ def windowed_group_norm(windows: int):
     return group_norm
 
 
+def with_true_mean(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """``reconstruction`` (B, C, H, W) shifted per image and channel so that its mean equals that
+    of ``x`` (same shape), then clamped to [-1, 1]: the reconstruction with its colour cast removed."""
+    shift = x.mean(dim=(2, 3), keepdim=True) - reconstruction.mean(dim=(2, 3), keepdim=True)
+    return (reconstruction + shift).clamp(-1, 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,10 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
         with mock.patch.object(F, "group_norm", windowed_group_norm(RESOLUTION // a.window)):
             return reconstruct(x)
 
-    psnr: dict[str, list[float]] = {"whole": [], "tiles": [], "gn-window": []}
+    def true_mean(x):
+        return with_true_mean(x, reconstruct(x))
+
+    psnr: dict[str, list[float]] = {"whole": [], "tiles": [], "gn-window": [], "true-mean": []}
     with torch.inference_mode():
         for _, x in _batches(a.images, RESOLUTION, 4, None, SkipCounter()):
-            for name, fn in (("whole", reconstruct), ("tiles", tiled), ("gn-window", gn_window)):
+            for name, fn in (("whole", reconstruct), ("tiles", tiled), ("gn-window", gn_window),
+                             ("true-mean", true_mean)):
                 psnr[name] += image_metrics(x, fn(x), None)["psnr"].tolist()
     result = {"model": a.model, "images": a.images, "window": a.window,
               "psnr_mean": {k: sum(v) / len(v) for k, v in psnr.items()}, "psnr": psnr}
