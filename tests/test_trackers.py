@@ -65,9 +65,9 @@ def _wandb_records(path: Path) -> list:
 
 def _complete_wandb_records(path: Path, timeout_s: float = 120.0) -> list:
     """The records of a run-*.wandb file once its writer has closed it (the last record is 'exit').
-    wandb-core (a separate process) writes the file asynchronously and may still be flushing it when
-    ``wandb.finish()`` has returned, most of all on a loaded machine: a CI run read a file that lacked
-    the config record. So poll until the 'exit' record is there; fail naming what was read if not."""
+    wandb-core, a separate process, writes the file. One CI run read a file without its config
+    record, which a write still under way after ``wandb.finish()`` would explain (not reproduced).
+    So poll until the 'exit' record is there; fail naming what was read if it never comes."""
     deadline = time.monotonic() + timeout_s
     while True:
         records = _wandb_records(path)
