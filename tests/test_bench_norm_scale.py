@@ -34,3 +34,44 @@ def test_with_true_mean_gives_the_input_mean_colour_and_keeps_the_rest():
     torch.testing.assert_close(fixed - fixed.mean(dim=(2, 3), keepdim=True),
                                reconstruction - reconstruction.mean(dim=(2, 3), keepdim=True))
     assert norm_scale.with_true_mean(torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), 3.0)).max() <= 1.0
+
+
+def test_with_fitted_colour_undoes_a_global_colour_transform():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) * 1.2 - 0.6
+    swap = torch.tensor([[0.0, 0.0, 0.9], [0.1, 0.8, 0.0], [0.7, 0.0, 0.2]])  # channels swapped and mixed
+    reconstruction = torch.einsum("ij,bjhw->bihw", swap, x) + torch.tensor([0.1, -0.2, 0.05]).view(1, 3, 1, 1)
+    torch.testing.assert_close(norm_scale.with_fitted_colour(x, reconstruction), x, atol=1e-5, rtol=0)
+    noisy = reconstruction + 0.3 * torch.randn_like(x)  # detail the colour map cannot fix stays an error
+    fixed = norm_scale.with_fitted_colour(x, noisy)
+    assert 0 < (fixed - x).square().mean() < (noisy - x).square().mean()
+    assert norm_scale.with_fitted_colour(x, torch.full_like(x, 0.2)).abs().max() <= 1.0
+
+
+def test_with_true_block_means_sets_each_block_mean_and_keeps_the_detail():
+    torch.manual_seed(0)
+    x, reconstruction = torch.rand(2, 3, 16, 8) * 1.2 - 0.6, torch.rand(2, 3, 16, 8) * 1.2 - 0.6
+    fixed = norm_scale.with_true_block_means(x, reconstruction, block=8)
+    torch.testing.assert_close(F.avg_pool2d(fixed, 8), F.avg_pool2d(x, 8))
+    detail = reconstruction - F.interpolate(F.avg_pool2d(reconstruction, 8), scale_factor=8, mode="nearest")
+    torch.testing.assert_close(fixed - F.interpolate(F.avg_pool2d(fixed, 8), scale_factor=8, mode="nearest"), detail)
+
+
+def test_raw_weights_scores_the_optimizer_weights_and_every_row_is_reported(monkeypatch, tmp_path):
+    from helpers import tiny_vae, write_noise_photos
+
+    loaded = []
+    monkeypatch.setattr(norm_scale, "load_autoencoder", lambda path: loaded.append("ema") or tiny_vae())
+    monkeypatch.setattr(norm_scale, "autoencoder_from_checkpoint",
+                        lambda path, use_ema: loaded.append(f"use_ema={use_ema}") or (tiny_vae(), None, None))
+    photos = write_noise_photos(tmp_path / "p", 1, size=(256, 256))
+    result = norm_scale.main(["CKPT", str(photos), "--raw-weights"])
+    assert loaded == ["use_ema=False"] and result["raw_weights"] is True
+    assert set(result["psnr"]) == {"whole", "tiles", "gn-window", "true-mean", "fitted-colour", "true-block-means"}
+    assert all(len(v) == 1 for v in result["psnr"].values())
+    # least squares over colour maps includes the identity, and block means include the global mean:
+    # each correction scores at least as high as what it refines (up to 8-bit rounding)
+    assert result["psnr_mean"]["fitted-colour"] >= result["psnr_mean"]["whole"] - 0.05
+    assert result["psnr_mean"]["true-block-means"] >= result["psnr_mean"]["true-mean"] - 0.05
+    norm_scale.main(["CKPT", str(photos)])
+    assert loaded[-1] == "ema"
