@@ -18,12 +18,18 @@ Scores the model on ``kl-ae eval``'s protocol (short side resized to 256, centre
   true-block-means "whole" with the mean colour of each latent cell's block of pixels (8x8 for
             an f8 model) replaced by the input's: the score of the detail within the blocks alone
             (with_true_block_means)
+  flat-colour each image replaced by a flat image of its mean colour, and that reconstructed: a
+            test any decoder should pass near-perfectly. A GroupNorm keeps of a flat feature map
+            only each group's pattern of channel levels, scaled to unit variance (with one or two
+            channels per group, its bias or a sign), so a model that has not learned to carry
+            absolute colour in those patterns fails it (flat_mean_colour)
 
 A model trained on small crops whose "tiles" and "gn-window" scores beat "whole" has learned to
 rely on GroupNorm statistics of crop-sized regions (BENCHMARKS.md, "Quality per minute"); equal
 scores mean it does not. A "true-mean" score far above "whole" says the error is mostly a
 colour cast (a wrong mean colour), not blur; "fitted-colour" far above "true-mean" says the
-colours are transformed, not only shifted. Diagnoses, not metrics: only "whole" is the model's score.
+colours are transformed, not only shifted; a low "flat-colour" says the model cannot put out
+the colour of a flat region it is given. Diagnoses, not metrics: only "whole" is the model's score.
 """
 
 from __future__ import annotations
@@ -87,6 +93,11 @@ def with_true_block_means(x: torch.Tensor, reconstruction: torch.Tensor, block: 
     return (reconstruction - block_means(reconstruction) + block_means(x)).clamp(-1, 1)
 
 
+def flat_mean_colour(x: torch.Tensor) -> torch.Tensor:
+    """A flat image (B, C, H, W) of each image's mean colour per channel (``x`` the same shape)."""
+    return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             return reconstruct(x)
 
     psnr: dict[str, list[float]] = {"whole": [], "tiles": [], "gn-window": [], "true-mean": [],
-                                    "fitted-colour": [], "true-block-means": []}
+                                    "fitted-colour": [], "true-block-means": [], "flat-colour": []}
     with torch.inference_mode():
         for _, x in _batches(a.images, RESOLUTION, 4, None, SkipCounter()):
             whole = reconstruct(x)  # once: the last three rows are this reconstruction, corrected
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
                             ("true-mean", with_true_mean(x, whole)), ("fitted-colour", with_fitted_colour(x, whole)),
                             ("true-block-means", with_true_block_means(x, whole, factor))):
                 psnr[name] += image_metrics(x, y, None)["psnr"].tolist()
+            flat = flat_mean_colour(x)  # scored against itself, not against x
+            psnr["flat-colour"] += image_metrics(flat, reconstruct(flat), None)["psnr"].tolist()
     result = {"model": a.model, "images": a.images, "window": a.window, "raw_weights": a.raw_weights,
               "psnr_mean": {k: sum(v) / len(v) for k, v in psnr.items()}, "psnr": psnr}
     for name, v in result["psnr_mean"].items():

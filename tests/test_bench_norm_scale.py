@@ -57,6 +57,27 @@ def test_with_true_block_means_sets_each_block_mean_and_keeps_the_detail():
     torch.testing.assert_close(fixed - F.interpolate(F.avg_pool2d(fixed, 8), scale_factor=8, mode="nearest"), detail)
 
 
+def test_flat_mean_colour_is_each_images_mean_colour_everywhere():
+    x = torch.rand(2, 3, 8, 4) * 1.2 - 0.6
+    flat = norm_scale.flat_mean_colour(x)
+    assert flat.shape == x.shape
+    torch.testing.assert_close(flat, x.mean(dim=(2, 3), keepdim=True).expand(2, 3, 8, 4))
+
+
+def test_flat_colour_scores_the_reconstruction_of_the_flat_image(monkeypatch, tmp_path):
+    from helpers import tiny_vae, write_noise_photos
+
+    monkeypatch.setattr(norm_scale, "load_autoencoder", lambda path: tiny_vae())
+    photos = write_noise_photos(tmp_path / "p", 2, size=(256, 256))
+    # a "decoder" that casts flat images by a known amount and returns anything else as it is: the
+    # row must reconstruct the flat image (a photo would come back exact) and score it against itself
+    monkeypatch.setattr(norm_scale, "decode_mode",
+                        lambda vae, x: x + 32 / 255 * (x.std(dim=(2, 3), keepdim=True) == 0))
+    result = norm_scale.main(["EXPORT", str(photos)])
+    expected = 20 * torch.log10(torch.tensor(255 / 16)).item()  # 32/255 in [-1, 1]: 16 levels of 8 bits
+    assert all(abs(v - expected) < 0.05 for v in result["psnr"]["flat-colour"]), result["psnr"]["flat-colour"]
+
+
 def test_raw_weights_scores_the_optimizer_weights_and_every_row_is_reported(monkeypatch, tmp_path):
     from helpers import tiny_vae, write_noise_photos
 
@@ -67,7 +88,8 @@ def test_raw_weights_scores_the_optimizer_weights_and_every_row_is_reported(monk
     photos = write_noise_photos(tmp_path / "p", 1, size=(256, 256))
     result = norm_scale.main(["CKPT", str(photos), "--raw-weights"])
     assert loaded == ["use_ema=False"] and result["raw_weights"] is True
-    assert set(result["psnr"]) == {"whole", "tiles", "gn-window", "true-mean", "fitted-colour", "true-block-means"}
+    assert set(result["psnr"]) == {"whole", "tiles", "gn-window", "true-mean", "fitted-colour", "true-block-means",
+                                   "flat-colour"}
     assert all(len(v) == 1 for v in result["psnr"].values())
     # least squares over colour maps includes the identity, and block means include the global mean:
     # each correction scores at least as high as what it refines (up to 8-bit rounding)
