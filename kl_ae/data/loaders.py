@@ -6,11 +6,11 @@ Who splits the data under distributed training:
 - folder/builtin: map-style :class:`ImageFolderDataset`; pass its DataLoader through
   ``accelerator.prepare``, which shards the batches across processes.
 - shards: webdataset splits whole shards by rank (``split_by_node``) and by worker itself; do NOT
-  pass its DataLoader through ``accelerator.prepare`` (splitting twice silently
-  dropped a rank's shards in our 2-process test) and move its batches to the device yourself.
+  pass its DataLoader through ``accelerator.prepare`` (splitting twice silently dropped a rank's
+  shards in our 2-process test) and move its batches to the device yourself.
 
-Decoding and the train/eval transforms are in :mod:`kl_ae.data.images`. Shard
-samples without an image member are skipped with the reason no_image_member.
+Decoding and the train/eval transforms are in :mod:`kl_ae.data.images`, dead leaves in
+:mod:`kl_ae.data.synthetic`. Shard samples without an image member are skipped (no_image_member).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from kl_ae.data.images import (
     PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode, sample_generator, train_transform,
 )
 from kl_ae.data.sources import ImageSource, decode_shard_sample, image_source, warn_and_continue
+from kl_ae.data.synthetic import with_dead_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.files[index % len(self.files)]
-        name = path.relative_to(self.root).as_posix() if self.root else str(path)
+        name = path.relative_to(self.root).as_posix() if self.root and path.is_relative_to(self.root) else str(path)
         img, reason = self._decode(index % len(self.files))
         return _record(img, reason, name, self.resolution, self.random_flip, self.short_side_range,
                        sample_generator(self.seed, index))
@@ -157,8 +158,7 @@ def _shard_record(sample: dict, resolution: int, random_flip: bool,
                   short_side_range: Sequence[int] | None = None, max_image_pixels: int = PILLOW_MAX_IMAGE_PIXELS) -> dict:
     generator = sample_generator(*sample["__position__"]) if "__position__" in sample else None
     return _record(*decode_shard_sample(sample, _draft_size(short_side_range), max_image_pixels),
-                   sample.get("__key__", "?"),
-                   resolution, random_flip, short_side_range, generator)
+                   sample.get("__key__", "?"), resolution, random_flip, short_side_range, generator)
 
 
 class StreamPosition:
@@ -258,11 +258,10 @@ def _train_source(cfg: DataConfig) -> ImageSource:
 
 def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition | None = None,
                         source: ImageSource | None = None) -> Dataset | IterableDataset:
-    """Training set of ``cfg.train`` (or of ``source``, its parsed form; samples as in
-    :class:`ImageFolderDataset`).
+    """Training set of ``cfg.train`` (or of ``source``, its parsed form; samples as in :class:`ImageFolderDataset`).
 
-    Folder/builtin: map-style :class:`ImageFolderDataset`. Shards: a ``wds.WebDataset``
-    IterableDataset of one epoch per iteration: shards split by rank and worker, their order
+    Folder/builtin: map-style :class:`ImageFolderDataset`, with ``cfg.dead_leaves_fraction``'s synthetic images
+    added. Shards: a ``wds.WebDataset`` IterableDataset of one epoch per iteration: shards split by rank and worker, their order
     shuffled from ``seed`` + epoch, samples through a ``cfg.shuffle_buffer`` buffer of raw file
     bytes (memory: buffer × mean file size × workers). Raises DataError for an unusable source
     or fewer shards than processes."""
@@ -272,8 +271,9 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
             return _shard_train_dataset(cfg, source, seed, position)
         except DataError as err:
             raise DataError(f"data.train: {err}") from None
-    logger.info("data.train=%s: %d images", source.spec, len(source.files))
-    return ImageFolderDataset(source.files, cfg.resolution, cfg.random_flip, root=source.root,
+    files = with_dead_leaves(list(source.files), cfg.dead_leaves_fraction)
+    logger.info("data.train=%s: %d images, %d dead leaves", source.spec, len(source.files), len(files) - len(source.files))
+    return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=source.root,
                               short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb,
                               max_image_pixels=cfg.max_image_pixels)
 

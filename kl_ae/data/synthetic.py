@@ -1,0 +1,87 @@
+"""Synthetic training images: the dead-leaves model (``data.dead_leaves_fraction``).
+
+A dead-leaves image is a stack of opaque disks dropped one over another, each of one colour
+(Matheron 1968; as a model of natural images' occlusions and scale invariance, Lee, Mumford &
+Huang 2001, "Occlusion models for natural images: a statistical study of a scale-invariant dead
+leaves model"). Here the radii have density ~ r^-3 on [R_MIN, R_MAX] px and the colours are
+uniform in the RGB cube. Mixed into a small training set they make an autoencoder carry the
+absolute colour of a region through its GroupNorms: every crop of one pairs flat regions with
+colours no photograph's palette predicts. Trained on half photographs, half dead leaves, the
+quickstart's model reproduces flat colours and stops pulling colours towards an image's average
+(BENCHMARKS.md, "Dead leaves on the photographs").
+
+Written here because none of our dependencies generates them; a few lines of PIL drawing. The
+images are made once, in a fixed order from one seed (so a set of N is the first N of any larger
+set), and kept as PNG files in the cache folder (:func:`cache_folder`), where the training loader
+reads them like a folder's photographs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 384  # px, square; the loader resizes and crops them like photographs (data.short_side_range)
+R_MIN, R_MAX = 2.0, 80.0  # px at SIZE
+DISKS = 3000
+SUPERSAMPLE = 2  # drawn at 2x and downsampled with Lanczos: anti-aliased edges
+SEED = 1
+VERSION = 1  # bump when the images change, so that old cached files are not mixed in
+
+
+def disk_radii(rng: np.random.Generator, n: int, r_min: float, r_max: float) -> np.ndarray:
+    """``n`` radii with density ~ r^-3 on [r_min, r_max], by inverse-CDF sampling: the CDF is
+    (r_min^-2 - r^-2) / (r_min^-2 - r_max^-2), so r = (r_min^-2 - u (r_min^-2 - r_max^-2))^(-1/2)
+    for u uniform in [0, 1)."""
+    return (r_min ** -2 - rng.random(n) * (r_min ** -2 - r_max ** -2)) ** -0.5
+
+
+def dead_leaves(rng: np.random.Generator, size: int = SIZE) -> Image.Image:
+    """One dead-leaves image: RGB, ``size`` x ``size`` px, DISKS disks (:func:`disk_radii` on
+    [R_MIN, R_MAX] scaled by size / SIZE) of uniformly random colours over a random background."""
+    scale = size * SUPERSAMPLE
+    img = Image.new("RGB", (scale, scale), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    radii = disk_radii(rng, DISKS, R_MIN * size / SIZE, R_MAX * size / SIZE) * SUPERSAMPLE
+    for r in radii:
+        cx, cy = rng.random(2) * scale
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def cache_folder() -> Path:
+    """Where the images are kept: ``$XDG_CACHE_HOME/kl-ae/dead-leaves-v<VERSION>`` (default
+    ``~/.cache/kl-ae/...``)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "kl-ae" / f"dead-leaves-v{VERSION}"
+
+
+def dead_leaves_count(photos: int, fraction: float) -> int:
+    """How many dead-leaves images make ``fraction`` (in [0, 1)) of a set with ``photos`` images."""
+    return round(photos * fraction / (1.0 - fraction))
+
+
+def with_dead_leaves(files: list[Path], fraction: float) -> list[Path]:
+    """``files`` and, after them, :func:`dead_leaves_count` dead-leaves image files, written to
+    :func:`cache_folder` where missing (each through a temporary name and an atomic rename, so
+    processes that write the same file at once, or a crash, never leave a partial one).
+
+    Raises OSError when the cache folder cannot be written."""
+    count = dead_leaves_count(len(files), fraction)
+    if count == 0:
+        return list(files)
+    folder = cache_folder()
+    paths = [folder / f"dead-leaves-{k:05d}.png" for k in range(count)]
+    if not all(p.is_file() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(SEED)
+        for path in paths:  # in order: image k depends on the generator's state after images 0..k-1
+            img = dead_leaves(rng)
+            if not path.is_file():
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                img.save(tmp, format="PNG")
+                os.replace(tmp, path)
+    return list(files) + paths

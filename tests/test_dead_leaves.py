@@ -1,0 +1,82 @@
+"""kl_ae.data.synthetic and data.dead_leaves_fraction: the images, their cache, their share of the set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kl_ae.config import DataConfig, load_config
+from kl_ae.data import loaders as D
+from kl_ae.data import synthetic
+from kl_ae.parsing import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic, "DISKS", 300)  # fewer disks: the same model, drawn faster
+    return tmp_path / "cache"
+
+
+def test_a_dead_leaves_image_is_flat_regions_of_many_colours_and_fixed_by_its_seed():
+    img = synthetic.dead_leaves(np.random.default_rng(0), size=96)
+    assert img.mode == "RGB" and img.size == (96, 96)
+    pixels = np.asarray(img).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    assert len(colours) > 50  # many disks of their own colours (and anti-aliased edges)
+    assert (counts >= 20).sum() >= 10  # ... of which many are flat regions, not noise
+    assert np.array_equal(np.asarray(synthetic.dead_leaves(np.random.default_rng(0), size=96)), np.asarray(img))
+    assert not np.array_equal(np.asarray(synthetic.dead_leaves(np.random.default_rng(1), size=96)), np.asarray(img))
+
+
+def test_radii_have_density_r_to_the_minus_3():
+    r = synthetic.disk_radii(np.random.default_rng(0), 200_000, 2.0, 80.0)
+    assert r.min() >= 2.0 and r.max() <= 80.0
+    cdf = lambda x: (2.0 ** -2 - x ** -2) / (2.0 ** -2 - 80.0 ** -2)  # noqa: E731 (of p(r) ~ r^-3)
+    for x in (2.5, 3.0, 4.0, 8.0, 20.0):
+        assert (r <= x).mean() == pytest.approx(cdf(x), abs=0.005)
+    # not a power law of another exponent: for p ~ r^-2 half the radii would be below 3.9
+    assert (r <= 2.83).mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_with_dead_leaves_adds_the_share_and_writes_each_file_once(tmp_path, cache_home):
+    photos = [tmp_path / f"{k}.png" for k in range(3)]
+    assert synthetic.with_dead_leaves(photos, 0.0) == photos
+    files = synthetic.with_dead_leaves(photos, 0.5)
+    assert files[:3] == photos and len(files) == 6
+    added = files[3:]
+    assert all(f.parent == cache_home / f"kl-ae/dead-leaves-v{synthetic.VERSION}" and f.is_file() for f in added)
+    assert Image.open(added[0]).size == (synthetic.SIZE, synthetic.SIZE)
+    stamps = [f.stat().st_mtime_ns for f in added]
+    assert synthetic.with_dead_leaves(photos, 0.5) == files  # the same files, not written again
+    assert [f.stat().st_mtime_ns for f in added] == stamps
+    assert not list(added[0].parent.glob(".*.tmp"))
+    # one generator in order: a larger set starts with the smaller one's images
+    more = synthetic.with_dead_leaves(photos, 0.75)[3:]
+    assert len(more) == 9 and more[:3] == added
+    assert synthetic.dead_leaves_count(53, 0.5) == 53 and synthetic.dead_leaves_count(7, 0.75) == 21
+
+
+def test_the_training_set_mixes_them_in_and_crops_them_like_photographs(tmp_path):
+    from helpers import write_noise_photos
+
+    folder = write_noise_photos(tmp_path / "photos", 2, size=(80, 80))
+    cfg = DataConfig(train=str(folder), resolution=32, dead_leaves_fraction=0.5)
+    ds = D.build_train_dataset(cfg, seed=0)
+    assert len(ds) == 4
+    names = [ds[i]["name"] for i in range(4)]
+    assert names[:2] == ["0.png", "1.png"] and all(n.endswith(".png") and "dead-leaves-" in n for n in names[2:])
+    assert all(ds[i]["pixel_values"].shape == (3, 32, 32) for i in range(4))
+    assert len(D.build_train_dataset(DataConfig(train=str(folder), resolution=32), seed=0)) == 2  # default: none
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_the_fraction_must_be_below_one(value):
+    with pytest.raises(ConfigError, match="data.dead_leaves_fraction must be in"):
+        load_config(None, [f"data.dead_leaves_fraction={value}"])
+
+
+def test_shards_are_refused_with_a_clear_error():
+    with pytest.raises(ConfigError, match="dead_leaves_fraction needs an image folder"):
+        load_config(None, ["data.train=shards/train-{000000..000003}.tar", "data.dead_leaves_fraction=0.5"])
