@@ -58,6 +58,14 @@ def test_with_dead_leaves_adds_the_share_and_writes_each_file_once(tmp_path, cac
     assert synthetic.dead_leaves_count(53, 0.5) == 53 and synthetic.dead_leaves_count(7, 0.75) == 21
 
 
+def test_a_large_share_repeats_at_most_max_distinct_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "MAX_DISTINCT", 2)
+    photos = [tmp_path / f"{k}.png" for k in range(3)]
+    added = synthetic.with_dead_leaves(photos, 0.75)[3:]
+    assert len(added) == 9 and len(set(added)) == 2 and added[:4] == [added[0], added[1]] * 2
+    assert len(list(added[0].parent.glob("*.png"))) == 2
+
+
 def test_the_training_set_mixes_them_in_and_crops_them_like_photographs(tmp_path):
     from helpers import write_noise_photos
 

@@ -29,6 +29,7 @@ R_MIN, R_MAX = 2.0, 80.0  # px at SIZE
 DISKS = 3000
 SUPERSAMPLE = 2  # drawn at 2x and downsampled with Lanczos: anti-aliased edges
 SEED = 1
+MAX_DISTINCT = 512  # at most this many files (about 250 KB each); a larger share repeats them
 VERSION = 1  # bump when the images change, so that old cached files are not mixed in
 
 
@@ -65,7 +66,8 @@ def dead_leaves_count(photos: int, fraction: float) -> int:
 
 
 def with_dead_leaves(files: list[Path], fraction: float) -> list[Path]:
-    """``files`` and, after them, :func:`dead_leaves_count` dead-leaves image files, written to
+    """``files`` and, after them, :func:`dead_leaves_count` dead-leaves image files: the first
+    min(count, MAX_DISTINCT) images of the sequence, repeated in order up to count, written to
     :func:`cache_folder` where missing (each through a temporary name and an atomic rename, so
     processes that write the same file at once, or a crash, never leave a partial one).
 
@@ -74,7 +76,7 @@ def with_dead_leaves(files: list[Path], fraction: float) -> list[Path]:
     if count == 0:
         return list(files)
     folder = cache_folder()
-    paths = [folder / f"dead-leaves-{k:05d}.png" for k in range(count)]
+    paths = [folder / f"dead-leaves-{k:05d}.png" for k in range(min(count, MAX_DISTINCT))]
     if not all(p.is_file() for p in paths):
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(SEED)
@@ -84,4 +86,4 @@ def with_dead_leaves(files: list[Path], fraction: float) -> list[Path]:
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 img.save(tmp, format="PNG")
                 os.replace(tmp, path)
-    return list(files) + paths
+    return list(files) + [paths[k % len(paths)] for k in range(count)]
