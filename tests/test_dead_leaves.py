@@ -9,6 +9,7 @@ from PIL import Image
 from kl_ae.config import DataConfig, load_config
 from kl_ae.data import loaders as D
 from kl_ae.data import synthetic
+from kl_ae.data.images import DataError
 from kl_ae.parsing import ConfigError
 
 
@@ -88,3 +89,27 @@ def test_the_fraction_must_be_below_one(value):
 def test_shards_are_refused_with_a_clear_error():
     with pytest.raises(ConfigError, match="dead_leaves_fraction needs an image folder"):
         load_config(None, ["data.train=shards/train-{000000..000003}.tar", "data.dead_leaves_fraction=0.5"])
+
+
+def test_the_images_are_as_large_as_the_largest_crop_or_resize_asks(tmp_path):
+    photo = [tmp_path / "a.png"]
+    assert Image.open(synthetic.with_dead_leaves(photo, 0.5, size=64)[1]).size == (synthetic.SIZE,) * 2
+    large = synthetic.with_dead_leaves(photo, 0.5, size=512)[1]
+    assert Image.open(large).size == (512, 512) and "512px" in large.name  # its own files, not the 384-px ones
+
+
+def test_the_loader_asks_for_the_largest_resize(tmp_path):
+    from helpers import write_noise_photos
+
+    folder = write_noise_photos(tmp_path / "photos", 1, size=(80, 80))
+    ds = D.build_train_dataset(DataConfig(train=str(folder), resolution=32, short_side_range=[400, 448],
+                                          dead_leaves_fraction=0.5), seed=0)
+    assert "448px" in ds[1]["name"] and not ds[1]["upscaled"]
+
+
+def test_an_unwritable_cache_is_a_data_error_that_says_what_to_do(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")  # a file where the cache folder would go (root may write anywhere else)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(DataError, match="cannot write the dead-leaves images .* set XDG_CACHE_HOME"):
+        synthetic.with_dead_leaves([tmp_path / "a.png"], 0.5)

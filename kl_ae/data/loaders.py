@@ -271,7 +271,7 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
             return _shard_train_dataset(cfg, source, seed, position)
         except DataError as err:
             raise DataError(f"data.train: {err}") from None
-    files = with_dead_leaves(list(source.files), cfg.dead_leaves_fraction)
+    files = with_dead_leaves(list(source.files), cfg.dead_leaves_fraction, max([cfg.resolution, *cfg.short_side_range]))
     logger.info("data.train=%s: %d images, %d dead leaves", source.spec, len(source.files), len(files) - len(source.files))
     return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=source.root,
                               short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb,

@@ -19,10 +19,13 @@ reads them like a folder's photographs.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from kl_ae.data.images import DataError
 
 SIZE = 384  # px, square; the loader resizes and crops them like photographs (data.short_side_range)
 R_MIN, R_MAX = 2.0, 80.0  # px at SIZE
@@ -65,25 +68,41 @@ def dead_leaves_count(photos: int, fraction: float) -> int:
     return round(photos * fraction / (1.0 - fraction))
 
 
-def with_dead_leaves(files: list[Path], fraction: float) -> list[Path]:
-    """``files`` and, after them, :func:`dead_leaves_count` dead-leaves image files: the first
-    min(count, MAX_DISTINCT) images of the sequence, repeated in order up to count, written to
-    :func:`cache_folder` where missing (each through a temporary name and an atomic rename, so
-    processes that write the same file at once, or a crash, never leave a partial one).
+def with_dead_leaves(files: list[Path], fraction: float, size: int = SIZE) -> list[Path]:
+    """``files`` and, after them, :func:`dead_leaves_count` dead-leaves image files of ``size`` px
+    (at least SIZE; pass the largest side the loader will crop or resize to, so that no crop of
+    one is upscaled): the first min(count, MAX_DISTINCT) images of the sequence, repeated in order
+    up to count, written to :func:`cache_folder` where missing. Each is written to a unique
+    temporary file (tempfile.mkstemp) and renamed into place, so processes that write the same
+    image at once, even on a shared cache, or a crash, never leave a partial one.
 
-    Raises OSError when the cache folder cannot be written."""
+    Raises DataError (naming XDG_CACHE_HOME) when the cache folder cannot be written."""
     count = dead_leaves_count(len(files), fraction)
     if count == 0:
         return list(files)
+    size = max(SIZE, int(size))
     folder = cache_folder()
-    paths = [folder / f"dead-leaves-{k:05d}.png" for k in range(min(count, MAX_DISTINCT))]
-    if not all(p.is_file() for p in paths):
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(SEED)
-        for path in paths:  # in order: image k depends on the generator's state after images 0..k-1
-            img = dead_leaves(rng)
-            if not path.is_file():
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                img.save(tmp, format="PNG")
-                os.replace(tmp, path)
+    paths = [folder / f"dead-leaves-{size}px-{k:05d}.png" for k in range(min(count, MAX_DISTINCT))]
+    try:
+        if not all(p.is_file() for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(SEED)
+            for path in paths:  # in order: image k depends on the generator's state after images 0..k-1
+                img = dead_leaves(rng, size)
+                if not path.is_file():
+                    _write_atomically(img, path)
+    except OSError as err:
+        raise DataError(f"data.dead_leaves_fraction: cannot write the dead-leaves images to {folder} ({err}); "
+                        "set XDG_CACHE_HOME to a writable folder") from err
     return list(files) + [paths[k % len(paths)] for k in range(count)]
+
+
+def _write_atomically(img: Image.Image, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
