@@ -102,6 +102,7 @@ def _write_atomically(img: Image.Image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is readable like any image folder
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
