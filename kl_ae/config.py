@@ -191,8 +191,8 @@ class DataConfig:
     """Image folders and builtin sets: the share of the training images, in [0, 1), that are
     synthetic dead-leaves images (disks of random colours, kl_ae.data.synthetic), added to the
     set's own (0.5: as many as it has; at most 512 distinct files, repeated), cropped and flipped
-    like them. They teach the model to carry absolute colour: at 0.5 the 30-minute photo run
-    scored +2.6 dB (BENCHMARKS.md, "Dead leaves on the photographs")."""
+    like them. They teach the model to reproduce flat colours; at 0.5 two 30-minute photo runs
+    scored +2.64 and +0.15 dB (BENCHMARKS.md, "Dead leaves on the photographs"): experimental."""
     short_side_range: list[int] = field(default_factory=list)
     """[lo, hi] px: before cropping, downscale each image so its short side is a random size in
     [lo, hi] (LDM's autoencoder data, ImageNetSR: a 0.5-1.0 x short-side crop resized to R,
