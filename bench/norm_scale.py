@@ -22,7 +22,8 @@ Scores the model on ``kl-ae eval``'s protocol (short side resized to 256, centre
             test any decoder should pass near-perfectly. A GroupNorm keeps of a flat feature map
             only each group's pattern of channel levels, scaled to unit variance (with one or two
             channels per group, its bias or a sign), so a model that has not learned to carry
-            absolute colour in those patterns fails it (flat_mean_colour)
+            absolute colour in those patterns fails it (the flat image is the mean-colour
+            baseline's, kl_ae.eval.evaluate.mean_colour)
 
 A model trained on small crops whose "tiles" and "gn-window" scores beat "whole" has learned to
 rely on GroupNorm statistics of crop-sized regions (BENCHMARKS.md, "Quality per minute"); equal
@@ -41,7 +42,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from kl_ae.eval.evaluate import _batches
+from kl_ae.eval.evaluate import _batches, mean_colour
 from kl_ae.data.images import SkipCounter
 from kl_ae.eval.metrics import image_metrics
 from kl_ae.model import autoencoder_from_checkpoint, downsampling_factor, load_autoencoder, reconstruct as decode_mode
@@ -93,11 +94,6 @@ def with_true_block_means(x: torch.Tensor, reconstruction: torch.Tensor, block: 
     return (reconstruction - block_means(reconstruction) + block_means(x)).clamp(-1, 1)
 
 
-def flat_mean_colour(x: torch.Tensor) -> torch.Tensor:
-    """A flat image (B, C, H, W) of each image's mean colour per channel (``x`` the same shape)."""
-    return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                             ("true-mean", with_true_mean(x, whole)), ("fitted-colour", with_fitted_colour(x, whole)),
                             ("true-block-means", with_true_block_means(x, whole, factor))):
                 psnr[name] += image_metrics(x, y, None)["psnr"].tolist()
-            flat = flat_mean_colour(x)  # scored against itself, not against x
+            flat = mean_colour(x)  # scored against itself, not against x
             psnr["flat-colour"] += image_metrics(flat, reconstruct(flat), None)["psnr"].tolist()
     result = {"model": a.model, "images": a.images, "window": a.window, "raw_weights": a.raw_weights,
               "psnr_mean": {k: sum(v) / len(v) for k, v in psnr.items()}, "psnr": psnr}

@@ -57,9 +57,9 @@ def test_with_true_block_means_sets_each_block_mean_and_keeps_the_detail():
     torch.testing.assert_close(fixed - F.interpolate(F.avg_pool2d(fixed, 8), scale_factor=8, mode="nearest"), detail)
 
 
-def test_flat_mean_colour_is_each_images_mean_colour_everywhere():
+def test_the_flat_image_is_each_images_mean_colour_everywhere():
     x = torch.rand(2, 3, 8, 4) * 1.2 - 0.6
-    flat = norm_scale.flat_mean_colour(x)
+    flat = norm_scale.mean_colour(x)  # the mean-colour baseline's image
     assert flat.shape == x.shape
     torch.testing.assert_close(flat, x.mean(dim=(2, 3), keepdim=True).expand(2, 3, 8, 4))
 
