@@ -73,11 +73,6 @@ def check_config(cfg) -> None:
                           ">= 0 and not both 0 (the autoencoder needs a pixel term)")
     if not 0.0 <= d.dead_leaves_fraction < 1.0:
         raise ConfigError(f"data.dead_leaves_fraction must be in [0, 1), got {d.dead_leaves_fraction}")
-    if d.dead_leaves_fraction:
-        from kl_ae.data.sources import is_shard_source
-
-        if is_shard_source(d.train):
-            raise ConfigError("data.dead_leaves_fraction needs an image folder or builtin set as data.train, not shards")
     if d.decode_cache_mb < 0:
         raise ConfigError(f"data.decode_cache_mb must be >= 0 (0: no cache), got {d.decode_cache_mb}")
     if loss.disc_ramp_steps < 0:

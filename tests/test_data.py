@@ -421,3 +421,25 @@ def test_an_empty_spec_is_refused_not_read_as_the_current_directory():
             sources.image_source(spec)
     with pytest.raises(images.DataError, match="data.train: empty data spec"):
         D.TrainLoader(DataConfig(train=""), batch_size=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_batches_resume_exactly_after_whole_passes(tmp_path, workers):
+    """Resumed after more batches than a worker's shards hold (each worker skips whole passes), the
+    stream goes on where it was, and its position with it; webdataset's repeat() stopped there:
+    the run failed with "no usable training image" or went on out of order."""
+    import helpers
+
+    photos = helpers.write_noise_photos(tmp_path / "photos", 6, size=(48, 40))
+    cfg = DataConfig(train=pack_shards(photos, tmp_path / "shards", max_count=2)["pattern"], resolution=32,
+                     num_workers=workers, shuffle_buffer=3)
+    batches = D.TrainBatches(cfg, 2, seed=1)
+    straight = list(itertools.islice(batches.batches(lambda: False), 12))
+    batches.close()
+    for at in (5, 8):  # 10 and 16 of the 6 samples a pass holds
+        resumed = D.TrainBatches(cfg, 2, seed=1)
+        resumed.load_state_dict({"phase": 0, "epoch": 0, "batches_in_epoch": at})
+        rest = list(itertools.islice(resumed.batches(lambda: False), 12 - at))
+        assert all(torch.equal(a, b) for a, b in zip(straight[at:], rest, strict=True)), at
+        assert resumed.state_dict() == {"phase": 0, "epoch": 0, "batches_in_epoch": 12}
+        resumed.close()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kl_ae.config import DataConfig, load_config
@@ -86,9 +90,38 @@ def test_the_fraction_must_be_below_one(value):
         load_config(None, [f"data.dead_leaves_fraction={value}"])
 
 
-def test_shards_are_refused_with_a_clear_error():
-    with pytest.raises(ConfigError, match="dead_leaves_fraction needs an image folder"):
-        load_config(None, ["data.train=shards/train-{000000..000003}.tar", "data.dead_leaves_fraction=0.5"])
+@pytest.fixture
+def shards(tmp_path, monkeypatch):
+    """6 noise photos in 3 shards; at most 8 distinct dead-leaves files (a shard stream draws on all of them)."""
+    from helpers import write_noise_photos
+    from kl_ae.data.shards import pack_shards
+
+    monkeypatch.setattr(synthetic, "MAX_DISTINCT", 8)
+    photos = write_noise_photos(tmp_path / "photos", 6, size=(48, 40))
+    return pack_shards(photos, tmp_path / "shards", max_count=2)["pattern"]
+
+
+def test_a_shard_stream_gets_the_share_between_its_samples_and_every_photo_once(shards):
+    assert load_config(None, [f"data.train={shards}", "data.dead_leaves_fraction=0.5"]).data.dead_leaves_fraction == 0.5
+    cfg = DataConfig(train=shards, resolution=32, num_workers=0, shuffle_buffer=3, dead_leaves_fraction=0.5)
+    names = [s["name"] for s in D.build_train_dataset(cfg, seed=0)]
+    assert len(names) == 12 and len(set(names[0::2])) == 6  # one epoch: each photo once ...
+    assert names[1::2] == [f"dead-leaves-384px-{k:05d}" for k in range(6)]  # ... each followed by one
+    cfg = dataclasses.replace(cfg, dead_leaves_fraction=0.75)
+    names = [s["name"] for s in D.build_train_dataset(cfg, seed=0)]
+    leaves = [n for n in names if n.startswith("dead-leaves")]
+    assert len(names) == 24 and len(leaves) == 18  # 3 per photo, the 8 files in order, repeated
+    assert leaves == [f"dead-leaves-384px-{k % 8:05d}" for k in range(18)] and not names[4].startswith("dead")
+
+
+def test_a_resumed_shard_loader_with_dead_leaves_continues_the_same_batches(shards):
+    cfg = DataConfig(train=shards, resolution=32, num_workers=2, shuffle_buffer=3, dead_leaves_fraction=0.5)
+    straight = [b["pixel_values"] for b in itertools.islice(D.TrainLoader(cfg, batch_size=2, seed=1), 8)]
+    resumed = D.TrainLoader(cfg, batch_size=2, seed=1)
+    resumed.load_state_dict({"epoch": 0, "batches_in_epoch": 3})  # inside both workers' first pass
+    for a, b in zip(straight[3:], itertools.islice(resumed, 5), strict=True):
+        assert torch.equal(a, b["pixel_values"])
+    assert not torch.equal(straight[3], straight[4])
 
 
 def test_the_images_are_as_large_as_the_largest_crop_or_resize_asks(tmp_path):

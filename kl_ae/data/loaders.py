@@ -16,9 +16,7 @@ Decoding and the train/eval transforms are in :mod:`kl_ae.data.images`, dead lea
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import random
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -34,7 +32,8 @@ from kl_ae.data.images import (
     PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode, sample_generator, train_transform,
 )
 from kl_ae.data.sources import ImageSource, decode_shard_sample, image_source, warn_and_continue
-from kl_ae.data.synthetic import with_dead_leaves
+from kl_ae.data.shards import ShardPasses, StreamPosition
+from kl_ae.data.synthetic import DeadLeavesStream, with_dead_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -161,68 +160,6 @@ def _shard_record(sample: dict, resolution: int, random_flip: bool,
                    sample.get("__key__", "?"), resolution, random_flip, short_side_range, generator)
 
 
-class StreamPosition:
-    """The per-worker streams of a shard DataLoader, made resumable.
-
-    Batch j of an IterableDataset DataLoader comes from worker j % W, each batch of
-    ``batch_size`` raw samples. A DataLoader created to resume after ``batches`` batches starts
-    again at worker 0, so its worker p plays *logical* worker (p + batches) % W of the
-    original run: it reads that worker's shards (:meth:`split`), shuffles with that worker's
-    seeds (:meth:`shuffle`) and skips the samples that worker had produced, without decoding
-    them (:meth:`__call__`). Augmentation is seeded per sample position, so the resumed stream
-    is the original one. Set :attr:`batches` before the DataLoader's workers start.
-    """
-
-    def __init__(self, seed: int, batch_size: int):
-        self.seed, self.batch_size, self.batches = seed, batch_size, 0
-        self._seen: int | None = None  # samples produced by this worker copy, over all passes
-        self._passes = 0
-
-    def _worker(self) -> tuple[int, int, int]:
-        """(rank, logical worker, number of workers >= 1)."""
-        rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
-        workers = max(num_workers, 1)
-        return rank, (worker + self.batches) % workers, workers
-
-    def split(self, urls: Iterable) -> Iterator:
-        """workersplitter: the shards of this logical worker."""
-        _, logical, workers = self._worker()
-        return itertools.islice(urls, logical, None, workers)
-
-    def shuffle(self, src: Iterator, bufsize: int) -> Iterator:
-        """The sample buffer shuffle, seeded by (seed, rank, logical worker, pass)."""
-        rank, logical, _ = self._worker()
-        seed = int(torch.randint(2**62, (1,), generator=sample_generator(self.seed, rank, logical, self._passes)))
-        self._passes += 1
-        return _buffer_shuffle(src, bufsize, seed)
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rank, logical, workers = self._worker()
-        skip = max(0, -(-(self.batches - logical) // workers)) * self.batch_size  # j < batches, j % W == logical
-        if self._seen is None:
-            self._seen = 0
-        for sample in src:  # called again for every pass over the shards: the count goes on
-            i, self._seen = self._seen, self._seen + 1
-            if i >= skip:  # the augmentation seed: which sample of which worker of which rank
-                yield {**sample, "__position__": (self.seed, rank, logical, i)}
-
-
-def _buffer_shuffle(src: Iterator, bufsize: int, seed: int | None = None) -> Iterator:
-    """Shuffle a stream through a ``bufsize`` buffer, seeded by ``seed`` (default: drawn from
-    torch's RNG at each pass)."""
-    rng = random.Random(int(torch.randint(2**62, (1,))) if seed is None else seed)
-    buf: list = []
-    for sample in src:
-        if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = sample
-    rng.shuffle(buf)
-    yield from buf
-
-
 def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
                          position: StreamPosition | None = None) -> wds.WebDataset:
     urls = list(source.urls)
@@ -242,6 +179,8 @@ def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
                         empty_check=False, handler=warn_and_continue)
     if cfg.shuffle_buffer > 1:
         ds = ds.compose(partial(position.shuffle, bufsize=cfg.shuffle_buffer))
+    if cfg.dead_leaves_fraction:  # before the position, which skips and seeds them like shard samples
+        ds = ds.compose(DeadLeavesStream(cfg.dead_leaves_fraction, max([cfg.resolution, *cfg.short_side_range])))
     ds = ds.compose(position)
     decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
                      short_side_range=cfg.short_side_range, max_image_pixels=cfg.max_image_pixels)
@@ -260,11 +199,10 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
                         source: ImageSource | None = None) -> Dataset | IterableDataset:
     """Training set of ``cfg.train`` (or of ``source``, its parsed form; samples as in :class:`ImageFolderDataset`).
 
-    Folder/builtin: map-style :class:`ImageFolderDataset`, with ``cfg.dead_leaves_fraction``'s synthetic images
-    added. Shards: a ``wds.WebDataset`` IterableDataset of one epoch per iteration: shards split by rank and worker, their order
-    shuffled from ``seed`` + epoch, samples through a ``cfg.shuffle_buffer`` buffer of raw file
-    bytes (memory: buffer × mean file size × workers). Raises DataError for an unusable source
-    or fewer shards than processes."""
+    Folder/builtin: map-style :class:`ImageFolderDataset`. Shards: a ``wds.WebDataset`` IterableDataset of one epoch
+    per iteration: shards split by rank and worker, their order shuffled from ``seed`` + epoch, samples through a
+    ``cfg.shuffle_buffer`` buffer of raw file bytes (memory: buffer × mean file size × workers). Both with
+    ``cfg.dead_leaves_fraction``'s synthetic images. Raises DataError for an unusable source or too few shards."""
     source = source or _train_source(cfg)
     if source.shards:
         try:
@@ -308,7 +246,7 @@ class TrainLoader:
         generator = torch.Generator().manual_seed(seed)
         self._sampler = None
         if isinstance(dataset, IterableDataset):
-            self._loader = DataLoader(dataset.repeat(), generator=generator, **kwargs)
+            self._loader = DataLoader(ShardPasses(dataset, self._position), generator=generator, **kwargs)
         else:
             self._sampler = EpochSampler(len(dataset), max(len(dataset), batch_size), seed)
             self._loader = DataLoader(dataset, sampler=self._sampler, drop_last=True, generator=generator, **kwargs)

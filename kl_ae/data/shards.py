@@ -1,15 +1,21 @@
-"""``kl-ae shards``: pack a folder of images into webdataset shards (original bytes, checked)."""
+"""Webdataset shards: ``kl-ae shards`` packs a folder of images into them (original bytes, checked);
+:class:`StreamPosition` and :class:`ShardPasses` make a training stream over them resumable."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from pathlib import Path
+from typing import Iterable, Iterator
 
+import torch
 import webdataset as wds
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from kl_ae.data.sources import image_source, list_image_files, sample_key
-from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode
+from kl_ae.data.images import PILLOW_MAX_IMAGE_PIXELS, DataError, SkipCounter, decode, sample_generator
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +65,90 @@ def pack_shards(src: str | Path, out_dir: str | Path, max_count: int = 1000,
                 skipped.summary())
     return {"pattern": f"{out}/shard-{{000000..{num_shards - 1:06d}}}.tar", "num_shards": num_shards,
             "num_samples": num_samples, "skipped": skipped.as_dict()}
+
+
+class StreamPosition:
+    """The per-worker streams of a shard DataLoader, made resumable.
+
+    Batch j of an IterableDataset DataLoader comes from worker j % W, each batch of
+    ``batch_size`` raw samples. A DataLoader created to resume after ``batches`` batches starts
+    again at worker 0, so its worker p plays *logical* worker (p + batches) % W of the
+    original run: it reads that worker's shards (:meth:`split`), shuffles with that worker's
+    seeds (:meth:`shuffle`) and skips the samples that worker had produced, without decoding
+    them (:meth:`__call__`). Augmentation is seeded per sample position, so the resumed stream
+    is the original one. Set :attr:`batches` before the DataLoader's workers start.
+    """
+
+    def __init__(self, seed: int, batch_size: int):
+        self.seed, self.batch_size, self.batches = seed, batch_size, 0
+        self._seen: int | None = None  # samples produced by this worker copy, over all passes
+        self._passes = 0
+
+    @property
+    def read(self) -> int:
+        """Samples this worker copy has read, skipped ones included, over all passes."""
+        return self._seen or 0
+
+    def _worker(self) -> tuple[int, int, int]:
+        """(rank, logical worker, number of workers >= 1)."""
+        rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        workers = max(num_workers, 1)
+        return rank, (worker + self.batches) % workers, workers
+
+    def split(self, urls: Iterable) -> Iterator:
+        """workersplitter: the shards of this logical worker."""
+        _, logical, workers = self._worker()
+        return itertools.islice(urls, logical, None, workers)
+
+    def shuffle(self, src: Iterator, bufsize: int) -> Iterator:
+        """The sample buffer shuffle, seeded by (seed, rank, logical worker, pass)."""
+        rank, logical, _ = self._worker()
+        seed = int(torch.randint(2**62, (1,), generator=sample_generator(self.seed, rank, logical, self._passes)))
+        self._passes += 1
+        return _buffer_shuffle(src, bufsize, seed)
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        rank, logical, workers = self._worker()
+        skip = max(0, -(-(self.batches - logical) // workers)) * self.batch_size  # j < batches, j % W == logical
+        if self._seen is None:
+            self._seen = 0
+        for sample in src:  # called again for every pass over the shards: the count goes on
+            i, self._seen = self._seen, self._seen + 1
+            if i >= skip:  # the augmentation seed: which sample of which worker of which rank
+                yield {**sample, "__position__": (self.seed, rank, logical, i)}
+
+
+def _buffer_shuffle(src: Iterator, bufsize: int, seed: int | None = None) -> Iterator:
+    """Shuffle a stream through a ``bufsize`` buffer, seeded by ``seed`` (default: drawn from torch's RNG each pass)."""
+    rng = random.Random(int(torch.randint(2**62, (1,))) if seed is None else seed)
+    buf: list = []
+    for sample in src:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        i = rng.randrange(bufsize)
+        yield buf[i]
+        buf[i] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardPasses(IterableDataset):
+    """A shard dataset's passes (``dataset``, a WebDataset ending in ``position``), one after
+    another without end: what a shard DataLoader iterates.
+
+    Written here, not ``WebDataset.repeat()``, because that stops after a pass that yields no
+    sample, and a resumed worker's first passes yield none when its :class:`StreamPosition` skips
+    them whole: a run resumed after more than one pass over its shards lost the stream's order or
+    stopped with "no usable training image". This stops only after a pass that read no sample at
+    all (no shard with a sample), as ``repeat()`` meant to."""
+
+    def __init__(self, dataset: IterableDataset, position: StreamPosition):
+        self.dataset, self.position = dataset, position
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            read = self.position.read
+            yield from self.dataset
+            if self.position.read == read:
+                return

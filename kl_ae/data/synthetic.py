@@ -14,19 +14,27 @@ photographs"), so the option is experimental and off by default.
 Written here because none of our dependencies generates them; a few lines of PIL drawing. The
 images are made once, in a fixed order from one seed (so a set of N is the first N of any larger
 set), and kept as PNG files in the cache folder (:func:`cache_folder`), where the training loader
-reads them like a folder's photographs.
+reads them like a folder's photographs (:func:`with_dead_leaves`) or mixes them into a shard
+stream (:class:`DeadLeavesStream`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
+from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from kl_ae.data.images import DataError
+
+logger = logging.getLogger(__name__)
 
 SIZE = 384  # px, square; the loader resizes and crops them like photographs (data.short_side_range)
 R_MIN, R_MAX = 2.0, 80.0  # px at SIZE
@@ -69,33 +77,76 @@ def dead_leaves_count(photos: int, fraction: float) -> int:
     return round(photos * fraction / (1.0 - fraction))
 
 
-def with_dead_leaves(files: list[Path], fraction: float, size: int = SIZE) -> list[Path]:
-    """``files`` and, after them, :func:`dead_leaves_count` dead-leaves image files of ``size`` px
-    (at least SIZE; pass the largest side the loader will crop or resize to, so that no crop of
-    one is upscaled): the first min(count, MAX_DISTINCT) images of the sequence, repeated in order
-    up to count, written to :func:`cache_folder` where missing. Each is written to a unique
-    temporary file (tempfile.mkstemp) and renamed into place, so processes that write the same
-    image at once, even on a shared cache, or a crash, never leave a partial one.
+def dead_leaves_files(count: int, size: int = SIZE) -> list[Path]:
+    """The first ``count`` images of the sequence (at most MAX_DISTINCT) as PNG files of ``size``
+    px (at least SIZE) in :func:`cache_folder`, written where missing. Each is written to a
+    unique temporary file (tempfile.mkstemp) and renamed into place, so processes that write the
+    same image at once, even on a shared cache, or a crash, never leave a partial one.
 
     Raises DataError (naming XDG_CACHE_HOME) when the cache folder cannot be written."""
-    count = dead_leaves_count(len(files), fraction)
-    if count == 0:
-        return list(files)
     size = max(SIZE, int(size))
     folder = cache_folder()
     paths = [folder / f"dead-leaves-{size}px-{k:05d}.png" for k in range(min(count, MAX_DISTINCT))]
+    missing = sum(not p.is_file() for p in paths)
     try:
-        if not all(p.is_file() for p in paths):
+        if missing:
             folder.mkdir(parents=True, exist_ok=True)
+            logger.info("writing %d dead-leaves images of %d px to %s (once)", missing, size, folder)
             rng = np.random.default_rng(SEED)
-            for path in paths:  # in order: image k depends on the generator's state after images 0..k-1
+            # in order: image k depends on the generator's state after images 0..k-1
+            for path in tqdm(paths, desc="dead leaves", unit="img", disable=missing < 64, leave=False):
                 img = dead_leaves(rng, size)
                 if not path.is_file():
                     _write_atomically(img, path)
     except OSError as err:
         raise DataError(f"data.dead_leaves_fraction: cannot write the dead-leaves images to {folder} ({err}); "
                         "set XDG_CACHE_HOME to a writable folder") from err
+    return paths
+
+
+def with_dead_leaves(files: list[Path], fraction: float, size: int = SIZE) -> list[Path]:
+    """An image folder's ``files`` and, after them, :func:`dead_leaves_count` dead-leaves image
+    files of ``size`` px (pass the largest side the loader will crop or resize to, so that no crop
+    of one is upscaled): :func:`dead_leaves_files`, repeated in order up to the count.
+
+    Raises DataError (naming XDG_CACHE_HOME) when the cache folder cannot be written."""
+    count = dead_leaves_count(len(files), fraction)
+    if count == 0:
+        return list(files)
+    paths = dead_leaves_files(count, size)
     return list(files) + [paths[k % len(paths)] for k in range(count)]
+
+
+class DeadLeavesStream:
+    """A webdataset pipeline stage (``WebDataset.compose``) that mixes dead-leaves images into a
+    stream of shard samples, ``fraction`` (in [0, 1)) of the samples it yields.
+
+    A shard stream has no known length, so it draws on all MAX_DISTINCT files of ``size`` px.
+    After the n-th sample of its source (counted over every pass of this worker's copy) it
+    inserts floor(n r) - floor((n - 1) r) of them, r = fraction / (1 - fraction), in the files'
+    order, each as a sample ``{"__key__": file stem, "png": bytes}``. Where it inserts depends
+    only on that count, so a stream replayed from its start is the same stream: put it before
+    kl_ae.data.shards.StreamPosition, which skips what a resumed run had seen and seeds each
+    sample's crop by its position.
+
+    Raises DataError (naming XDG_CACHE_HOME) when the cache folder cannot be written."""
+
+    def __init__(self, fraction: float, size: int = SIZE):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        self.paths = dead_leaves_files(MAX_DISTINCT, size)  # in the main process, before workers start
+        f = Fraction(str(fraction))  # exact: the n-th count below never rounds the wrong way
+        self.ratio = f / (1 - f)
+        self._sources = self._inserted = 0
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            yield sample
+            self._sources += 1
+            while self._inserted < math.floor(self._sources * self.ratio):
+                path = self.paths[self._inserted % len(self.paths)]
+                self._inserted += 1
+                yield {"__key__": path.stem, "png": path.read_bytes()}
 
 
 def _write_atomically(img: Image.Image, path: Path) -> None:
