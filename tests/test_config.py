@@ -108,6 +108,7 @@ def test_on_cpu_without_bf16_section_replaces_the_files_values_only_there(monkey
     monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: without_bf16)
     cfg = load_config("quickstart")
     assert cfg.model.block_out_channels == ([16, 32, 64, 64] if without_bf16 else [48, 96, 192, 192])
+    assert cfg.data.dead_leaves_fraction == (0.5 if without_bf16 else 0.0)
     assert cfg.train.max_minutes == 5.5  # the rest of the file applies on both
     chosen = load_config("quickstart", ["model.block_out_channels=[32,64,128,128]"])
     assert chosen.model.block_out_channels == [32, 64, 128, 128]
