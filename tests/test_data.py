@@ -423,20 +423,23 @@ def test_an_empty_spec_is_refused_not_read_as_the_current_directory():
         D.TrainLoader(DataConfig(train=""), batch_size=2)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_shard_batches_resume_exactly_after_whole_passes(tmp_path, workers):
+@pytest.mark.parametrize("workers, dead_leaves", [(0, 0.0), (2, 0.0), (2, 0.5)])
+def test_shard_batches_resume_exactly_after_whole_passes(tmp_path, monkeypatch, workers, dead_leaves):
     """Resumed after more batches than a worker's shards hold (each worker skips whole passes), the
     stream goes on where it was, and its position with it; webdataset's repeat() stopped there:
     the run failed with "no usable training image" or went on out of order."""
     import helpers
+    from kl_ae.data import synthetic
 
+    monkeypatch.setattr(synthetic, "MAX_DISTINCT", 8)  # fewer, smaller dead-leaves files: faster
+    monkeypatch.setattr(synthetic, "DISKS", 300)
     photos = helpers.write_noise_photos(tmp_path / "photos", 6, size=(48, 40))
     cfg = DataConfig(train=pack_shards(photos, tmp_path / "shards", max_count=2)["pattern"], resolution=32,
-                     num_workers=workers, shuffle_buffer=3)
+                     num_workers=workers, shuffle_buffer=3, dead_leaves_fraction=dead_leaves)
     batches = D.TrainBatches(cfg, 2, seed=1)
     straight = list(itertools.islice(batches.batches(lambda: False), 12))
     batches.close()
-    for at in (5, 8):  # 10 and 16 of the 6 samples a pass holds
+    for at in (5, 8):  # 10 and 16 samples, more than a pass holds (6 photos, and as many dead leaves)
         resumed = D.TrainBatches(cfg, 2, seed=1)
         resumed.load_state_dict({"phase": 0, "epoch": 0, "batches_in_epoch": at})
         rest = list(itertools.islice(resumed.batches(lambda: False), 12 - at))

@@ -104,7 +104,9 @@ def shards(tmp_path, monkeypatch):
 def test_a_shard_stream_gets_the_share_between_its_samples_and_every_photo_once(shards):
     assert load_config(None, [f"data.train={shards}", "data.dead_leaves_fraction=0.5"]).data.dead_leaves_fraction == 0.5
     cfg = DataConfig(train=shards, resolution=32, num_workers=0, shuffle_buffer=3, dead_leaves_fraction=0.5)
-    names = [s["name"] for s in D.build_train_dataset(cfg, seed=0)]
+    samples = list(D.build_train_dataset(cfg, seed=0))
+    assert all(s["pixel_values"] is not None and s["pixel_values"].shape == (3, 32, 32) for s in samples)
+    names = [s["name"] for s in samples]
     assert len(names) == 12 and len(set(names[0::2])) == 6  # one epoch: each photo once ...
     assert names[1::2] == [f"dead-leaves-384px-{k:05d}" for k in range(6)]  # ... each followed by one
     cfg = dataclasses.replace(cfg, dead_leaves_fraction=0.75)
@@ -114,13 +116,32 @@ def test_a_shard_stream_gets_the_share_between_its_samples_and_every_photo_once(
     assert leaves == [f"dead-leaves-384px-{k % 8:05d}" for k in range(18)] and not names[4].startswith("dead")
 
 
+def test_the_share_is_counted_over_passes_and_streams_take_their_own_files(shards):
+    cfg = DataConfig(train=shards, resolution=32, num_workers=0, shuffle_buffer=3, dead_leaves_fraction=0.3)
+    ds = D.build_train_dataset(cfg, seed=0)
+    passes = [[s["name"] for s in ds if s["name"].startswith("dead")] for _ in range(2)]
+    assert [len(p) for p in passes] == [2, 3]  # floor(6 * 3/7), floor(12 * 3/7) - 2: not 2 again
+
+    class Position:  # stream 1 of 3 (e.g. rank 0's second of three workers)
+        def stream(self):
+            return 1, 3
+
+    files = synthetic.dead_leaves_files(8)
+    stage = synthetic.DeadLeavesStream(files, 0.5, Position())
+    out = [s["__key__"] for s in stage(iter([{"__key__": f"photo{i}"} for i in range(4)]))]
+    assert out == ["photo0", files[1].stem, "photo1", files[4].stem, "photo2", files[7].stem, "photo3", files[2].stem]
+
+
 def test_a_resumed_shard_loader_with_dead_leaves_continues_the_same_batches(shards):
     cfg = DataConfig(train=shards, resolution=32, num_workers=2, shuffle_buffer=3, dead_leaves_fraction=0.5)
-    straight = [b["pixel_values"] for b in itertools.islice(D.TrainLoader(cfg, batch_size=2, seed=1), 8)]
+    loader = D.TrainLoader(cfg, batch_size=2, seed=1)
+    straight = [b["pixel_values"] for b in itertools.islice(loader, 8)]
+    loader.close()
     resumed = D.TrainLoader(cfg, batch_size=2, seed=1)
     resumed.load_state_dict({"epoch": 0, "batches_in_epoch": 3})  # inside both workers' first pass
     for a, b in zip(straight[3:], itertools.islice(resumed, 5), strict=True):
         assert torch.equal(a, b["pixel_values"])
+    resumed.close()
     assert not torch.equal(straight[3], straight[4])
 
 

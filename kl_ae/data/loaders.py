@@ -33,7 +33,9 @@ from kl_ae.data.images import (
 )
 from kl_ae.data.sources import ImageSource, decode_shard_sample, image_source, warn_and_continue
 from kl_ae.data.shards import ShardPasses, StreamPosition
-from kl_ae.data.synthetic import DeadLeavesStream, with_dead_leaves
+from kl_ae.data.synthetic import (
+    MAX_DISTINCT, DeadLeavesStream, dead_leaves_count, dead_leaves_files, with_dead_leaves,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +162,8 @@ def _shard_record(sample: dict, resolution: int, random_flip: bool,
                    sample.get("__key__", "?"), resolution, random_flip, short_side_range, generator)
 
 
-def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
-                         position: StreamPosition | None = None) -> wds.WebDataset:
+def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int, position: StreamPosition | None = None,
+                         dead_leaves: list[Path] = ()) -> wds.WebDataset:
     urls = list(source.urls)
     _, world_size, _, _ = wds.utils.pytorch_worker_info()  # the rank info split_by_node uses
     if len(urls) < world_size:
@@ -180,11 +182,16 @@ def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int,
     if cfg.shuffle_buffer > 1:
         ds = ds.compose(partial(position.shuffle, bufsize=cfg.shuffle_buffer))
     if cfg.dead_leaves_fraction:  # before the position, which skips and seeds them like shard samples
-        ds = ds.compose(DeadLeavesStream(cfg.dead_leaves_fraction, max([cfg.resolution, *cfg.short_side_range])))
+        ds = ds.compose(DeadLeavesStream(dead_leaves, cfg.dead_leaves_fraction, position))
     ds = ds.compose(position)
     decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
                      short_side_range=cfg.short_side_range, max_image_pixels=cfg.max_image_pixels)
     return ds.map(decode, handler=warn_and_continue)
+
+
+def _dead_leaves_size(cfg: DataConfig) -> int:
+    """The side of the dead-leaves images ``cfg`` crops: its largest crop or resize, so none is upscaled."""
+    return max([cfg.resolution, *cfg.short_side_range])
 
 
 def _train_source(cfg: DataConfig) -> ImageSource:
@@ -205,11 +212,12 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
     ``cfg.dead_leaves_fraction``'s synthetic images. Raises DataError for an unusable source or too few shards."""
     source = source or _train_source(cfg)
     if source.shards:
+        dead_leaves = dead_leaves_files(MAX_DISTINCT, _dead_leaves_size(cfg)) if cfg.dead_leaves_fraction else []
         try:
-            return _shard_train_dataset(cfg, source, seed, position)
+            return _shard_train_dataset(cfg, source, seed, position, dead_leaves)
         except DataError as err:
             raise DataError(f"data.train: {err}") from None
-    files = with_dead_leaves(list(source.files), cfg.dead_leaves_fraction, max([cfg.resolution, *cfg.short_side_range]))
+    files = with_dead_leaves(list(source.files), cfg.dead_leaves_fraction, _dead_leaves_size(cfg))
     logger.info("data.train=%s: %d images, %d dead leaves", source.spec, len(source.files), len(files) - len(source.files))
     return ImageFolderDataset(files, cfg.resolution, cfg.random_flip, root=source.root,
                               short_side_range=cfg.short_side_range, seed=seed, decode_cache_mb=cfg.decode_cache_mb,
@@ -226,7 +234,7 @@ class TrainLoader:
     batches (``pixel_values``: (B, 3, R, R) in [-1, 1], B <= batch_size).
     :meth:`state_dict` is the position, ``{"epoch", "batches_in_epoch"}`` (batches drawn by this
     process, empty ones included); :meth:`load_state_dict` before the first pass continues there
-    (folders skip the consumed samples in the sampler, shards without decoding them). Raises
+    (folders skip the consumed samples in the sampler; shards read them again, without decoding them). Raises
     DataError at construction for an unusable source.
     """
 
@@ -309,6 +317,10 @@ class TrainBatches:
         self.phase, self.crops, self.upscaled, self.skipped = 0, 0, 0, SkipCounter()
         self.loader = TrainLoader(cfg, batch_size, seed)
         self._loaders = [self.loader]  # every phase's, for close()
+        if cfg.final_resolution and cfg.dead_leaves_fraction:  # the final phase's files now, not in the timed loop
+            final, source = final_phase_data(cfg, batch_size)[0], self.loader.source
+            count = MAX_DISTINCT if source.shards else dead_leaves_count(len(source.files), cfg.dead_leaves_fraction)
+            dead_leaves_files(count, _dead_leaves_size(final))
         self._accelerator = None
 
     def _enter_phase(self, phase: int) -> None:

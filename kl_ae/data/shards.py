@@ -95,6 +95,12 @@ class StreamPosition:
         workers = max(num_workers, 1)
         return rank, (worker + self.batches) % workers, workers
 
+    def stream(self) -> tuple[int, int]:
+        """(this logical worker's index over every rank's workers, their number)."""
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        _, logical, workers = self._worker()
+        return rank * workers + logical, max(world_size, 1) * workers
+
     def split(self, urls: Iterable) -> Iterator:
         """workersplitter: the shards of this logical worker."""
         _, logical, workers = self._worker()

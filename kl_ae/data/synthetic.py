@@ -119,35 +119,36 @@ def with_dead_leaves(files: list[Path], fraction: float, size: int = SIZE) -> li
 
 
 class DeadLeavesStream:
-    """A webdataset pipeline stage (``WebDataset.compose``) that mixes dead-leaves images into a
-    stream of shard samples, ``fraction`` (in [0, 1)) of the samples it yields.
+    """A webdataset pipeline stage (``WebDataset.compose``) that mixes dead-leaves image files
+    (``paths``, from :func:`dead_leaves_files`) into a stream of shard samples, ``fraction`` (in
+    (0, 1)) of the samples it yields.
 
-    A shard stream has no known length, so it draws on all MAX_DISTINCT files of ``size`` px.
     After the n-th sample of its source (counted over every pass of this worker's copy) it
-    inserts floor(n r) - floor((n - 1) r) of them, r = fraction / (1 - fraction), in the files'
-    order, each as a sample ``{"__key__": file stem, "png": bytes}``. Where it inserts depends
-    only on that count, so a stream replayed from its start is the same stream: put it before
-    kl_ae.data.shards.StreamPosition, which skips what a resumed run had seen and seeds each
-    sample's crop by its position.
+    inserts floor(n r) - floor((n - 1) r) of them, r = fraction / (1 - fraction), each as a sample
+    ``{"__key__": file stem, "png": path}`` (decoded only if not skipped). Stream s of S (every
+    rank's logical workers, ``position.stream()``) takes files s, s + S, s + 2S, ... (mod the
+    count), so that workers and ranks do not draw the same file at the same time. Where and what
+    it inserts depends only on that count and stream, so a stream replayed from its start is the
+    same stream: put it before kl_ae.data.shards.StreamPosition, which skips what a resumed run
+    had seen and seeds each sample's crop by its position."""
 
-    Raises DataError (naming XDG_CACHE_HOME) when the cache folder cannot be written."""
-
-    def __init__(self, fraction: float, size: int = SIZE):
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-        self.paths = dead_leaves_files(MAX_DISTINCT, size)  # in the main process, before workers start
+    def __init__(self, paths: list[Path], fraction: float, position):
+        if not 0.0 < fraction < 1.0 or not paths:
+            raise ValueError(f"need files and a fraction in (0, 1), got {len(paths)} files and {fraction}")
+        self.paths, self.position = list(paths), position
         f = Fraction(str(fraction))  # exact: the n-th count below never rounds the wrong way
         self.ratio = f / (1 - f)
         self._sources = self._inserted = 0
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        stream, streams = self.position.stream()
         for sample in src:
             yield sample
             self._sources += 1
             while self._inserted < math.floor(self._sources * self.ratio):
-                path = self.paths[self._inserted % len(self.paths)]
+                path = self.paths[(self._inserted * streams + stream) % len(self.paths)]
                 self._inserted += 1
-                yield {"__key__": path.stem, "png": path.read_bytes()}
+                yield {"__key__": path.stem, "png": path}
 
 
 def _write_atomically(img: Image.Image, path: Path) -> None:
