@@ -191,9 +191,8 @@ class DataConfig:
     """The share of the training images, in [0, 1), that are synthetic dead-leaves images (disks of
     random colours, kl_ae.data.synthetic), cropped and flipped like the others: an image folder or
     builtin set gets as many added as make the share (0.5: as many as it has; at most 512 distinct
-    files, repeated), a shard stream gets them between its samples (all 512). They teach the model
-    to reproduce flat colours and each image's own colours; at 0.5 on a CPU without bf16, four
-    30-minute photo runs scored 20.43-22.92 dB (mean 21.99) against 20.28 and 19.85 without
+    files, repeated), a shard stream gets them between its samples (all 512). At 0.5 on a CPU
+    without bf16, four 30-minute photo runs scored 20.43-22.92 dB (mean 21.99) against 20.28 and 19.85 without
     (BENCHMARKS.md, "Dead leaves on the photographs: four seeds")."""
     short_side_range: list[int] = field(default_factory=list)
     """[lo, hi] px: before cropping, downscale each image so its short side is a random size in

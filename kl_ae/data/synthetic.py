@@ -4,9 +4,9 @@ A dead-leaves image is a stack of opaque disks dropped one over another, each of
 (Matheron 1968; as a model of natural images' occlusions and scale invariance, Lee, Mumford &
 Huang 2001, "Occlusion models for natural images: a statistical study of a scale-invariant dead
 leaves model"). Here the radii have density ~ r^-3 on [R_MIN, R_MAX] px and the colours are
-uniform in the RGB cube. Mixed into a small training set they make an autoencoder carry the
-absolute colour of a region through its GroupNorms: every crop of one pairs flat regions with
-colours no photograph's palette predicts. Trained 30 minutes on half photographs, half dead
+uniform in the RGB cube. Mixed into a small training set they are meant to make an autoencoder
+carry the absolute colour of a region through its GroupNorms: every crop of one pairs flat regions
+with colours no photograph's palette predicts. Trained 30 minutes on half photographs, half dead
 leaves, the quickstart's model reproduces flat colours (27-30 dB; every main-command model trained
 without them scored 12.6-21.6), and four such runs scored 20.43-22.92 dB on held-out photographs
 (mean 21.99) against 20.28 and 19.85 without (BENCHMARKS.md, "Dead leaves on the photographs:
