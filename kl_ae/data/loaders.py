@@ -181,7 +181,7 @@ def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int, positi
                         empty_check=False, handler=warn_and_continue)
     if cfg.shuffle_buffer > 1:
         ds = ds.compose(partial(position.shuffle, bufsize=cfg.shuffle_buffer))
-    if cfg.dead_leaves_fraction:  # before the position, which skips and seeds them like shard samples
+    if dead_leaves:  # before the position, which skips and seeds them like shard samples
         ds = ds.compose(DeadLeavesStream(dead_leaves, cfg.dead_leaves_fraction, position))
     ds = ds.compose(position)
     decode = partial(_shard_record, resolution=cfg.resolution, random_flip=cfg.random_flip,
@@ -192,6 +192,15 @@ def _shard_train_dataset(cfg: DataConfig, source: ImageSource, seed: int, positi
 def _dead_leaves_size(cfg: DataConfig) -> int:
     """The side of the dead-leaves images ``cfg`` crops: its largest crop or resize, so none is upscaled."""
     return max([cfg.resolution, *cfg.short_side_range])
+
+
+def _dead_leaves_files(cfg: DataConfig, source: ImageSource) -> list[Path]:
+    """The distinct dead-leaves files ``cfg`` trains on with ``source``, written where missing: all
+    MAX_DISTINCT for shards (a stream of unknown length), a folder's share otherwise; none at fraction 0."""
+    if not cfg.dead_leaves_fraction:
+        return []
+    count = MAX_DISTINCT if source.shards else dead_leaves_count(len(source.files), cfg.dead_leaves_fraction)
+    return dead_leaves_files(count, _dead_leaves_size(cfg))
 
 
 def _train_source(cfg: DataConfig) -> ImageSource:
@@ -212,7 +221,7 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
     ``cfg.dead_leaves_fraction``'s synthetic images. Raises DataError for an unusable source or too few shards."""
     source = source or _train_source(cfg)
     if source.shards:
-        dead_leaves = dead_leaves_files(MAX_DISTINCT, _dead_leaves_size(cfg)) if cfg.dead_leaves_fraction else []
+        dead_leaves = _dead_leaves_files(cfg, source)  # DataError about the cache, not data.train
         try:
             return _shard_train_dataset(cfg, source, seed, position, dead_leaves)
         except DataError as err:
@@ -317,10 +326,8 @@ class TrainBatches:
         self.phase, self.crops, self.upscaled, self.skipped = 0, 0, 0, SkipCounter()
         self.loader = TrainLoader(cfg, batch_size, seed)
         self._loaders = [self.loader]  # every phase's, for close()
-        if cfg.final_resolution and cfg.dead_leaves_fraction:  # the final phase's files now, not in the timed loop
-            final, source = final_phase_data(cfg, batch_size)[0], self.loader.source
-            count = MAX_DISTINCT if source.shards else dead_leaves_count(len(source.files), cfg.dead_leaves_fraction)
-            dead_leaves_files(count, _dead_leaves_size(final))
+        if cfg.final_resolution:  # the final phase's dead-leaves files now, not in the timed loop
+            _dead_leaves_files(final_phase_data(cfg, batch_size)[0], self.loader.source)
         self._accelerator = None
 
     def _enter_phase(self, phase: int) -> None:

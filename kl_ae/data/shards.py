@@ -81,13 +81,8 @@ class StreamPosition:
 
     def __init__(self, seed: int, batch_size: int):
         self.seed, self.batch_size, self.batches = seed, batch_size, 0
-        self._seen: int | None = None  # samples produced by this worker copy, over all passes
+        self.read = 0  # samples this worker copy has read, skipped ones included, over all passes
         self._passes = 0
-
-    @property
-    def read(self) -> int:
-        """Samples this worker copy has read, skipped ones included, over all passes."""
-        return self._seen or 0
 
     def _worker(self) -> tuple[int, int, int]:
         """(rank, logical worker, number of workers >= 1)."""
@@ -116,10 +111,8 @@ class StreamPosition:
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         rank, logical, workers = self._worker()
         skip = max(0, -(-(self.batches - logical) // workers)) * self.batch_size  # j < batches, j % W == logical
-        if self._seen is None:
-            self._seen = 0
         for sample in src:  # called again for every pass over the shards: the count goes on
-            i, self._seen = self._seen, self._seen + 1
+            i, self.read = self.read, self.read + 1
             if i >= skip:  # the augmentation seed: which sample of which worker of which rank
                 yield {**sample, "__position__": (self.seed, rank, logical, i)}
 
