@@ -56,6 +56,12 @@ class ModelConfig:
     """Start every posterior log-variance at this value (e.g. -8.0: sigma 0.018) instead of
     PyTorch's random init (sigma ~ 1), see kl_ae.model.init_posterior_logvar; None: PyTorch's
     init (LDM). Random init only: an init_from VAE keeps its weights."""
+    init_scheme: str = "pytorch"
+    """How a random model starts: 'pytorch' (PyTorch's default init, as LDM) or 'block_means': at
+    step 0 the latent's first 3 channels are each f x f block's mean colour and the decoder paints
+    them back, the residual branches start at zero and the posterior log-variance at
+    posterior_logvar_init (unset: -8) (kl_ae.init_scheme); needs at least 4 channels per GroupNorm
+    group. Random init only: an init_from VAE keeps its weights (the key is ignored)."""
     init_from: str = ""
     """VAE to fine-tune: a local diffusers AutoencoderKL directory (config.json + safetensors), or
     a single LDM/SGM-layout file (.safetensors, .ckpt, .pt, .pth; e.g. an SD checkpoint's

@@ -4,6 +4,7 @@ files it names have moved (model.init_from and the teachers are checked when a r
 
 from __future__ import annotations
 
+from kl_ae.init_scheme import SCHEMES as INIT_SCHEMES, block_means_problem
 from kl_ae.parsing import ConfigError
 from kl_ae.precision import CHOICES as PRECISION_CHOICES
 from kl_ae.schedule import SCHEDULES as LR_SCHEDULES
@@ -23,6 +24,12 @@ def check_config(cfg) -> None:
         raise ConfigError(
             f"model.norm_num_groups={m.norm_num_groups} does not divide model.block_out_channels {bad}"
         )
+    if m.init_scheme not in INIT_SCHEMES:
+        raise ConfigError(f"model.init_scheme must be one of {INIT_SCHEMES}, got {m.init_scheme!r}")
+    if m.init_scheme == "block_means" and not m.init_from:  # an init_from VAE keeps its weights
+        problem = block_means_problem(m.block_out_channels, m.norm_num_groups, m.latent_channels, m.architecture)
+        if problem:
+            raise ConfigError(f"model.init_scheme=block_means: {problem}")
     f = m.downsampling_factor
     if d.resolution <= 0 or d.resolution % f:
         raise ConfigError(
