@@ -61,7 +61,7 @@ class ModelConfig:
     step 0 the latent's first 3 channels are each f x f block's mean colour and the decoder paints
     them back, the residual branches start at zero and the posterior log-variance at
     posterior_logvar_init (unset: -8) (kl_ae.init_scheme); needs at least 4 channels per GroupNorm
-    group. Random init only: an init_from VAE keeps its weights (the key is ignored)."""
+    group and room for 3 colour pairs beside a constant pair per group. Random init only: an init_from VAE keeps its weights (the key is ignored)."""
     init_from: str = ""
     """VAE to fine-tune: a local diffusers AutoencoderKL directory (config.json + safetensors), or
     a single LDM/SGM-layout file (.safetensors, .ckpt, .pt, .pth; e.g. an SD checkpoint's

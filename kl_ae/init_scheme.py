@@ -29,7 +29,8 @@ is left where both it and its gradient are zero for good (each channel that is o
 path at step 0 gets a gradient through a non-zero weight or activation).
 
 This needs at least 4 channels per GroupNorm group at every level (one constant pair and one
-colour pair), at least 3 latent channels and the AutoencoderKL class; :func:`block_means_problem`
+colour pair) and room for the 3 colour pairs in all (8 channels in 2 groups have room for 2), at
+least 3 latent channels and the AutoencoderKL class; :func:`block_means_problem`
 says what is wrong.
 """
 
@@ -55,11 +56,13 @@ def block_means_problem(block_out_channels, norm_num_groups: int, latent_channel
         return f"it is written for AutoencoderKL, not model.architecture={architecture!r}"
     if latent_channels < 3:
         return f"it needs model.latent_channels >= 3 (a colour), got {latent_channels}"
-    small = [c for c in block_out_channels if c // norm_num_groups < 4]
+    # each group holds a constant pair, and the groups together three colour pairs (_layout)
+    small = [c for c in block_out_channels if c // norm_num_groups < 4
+             or norm_num_groups * ((c // norm_num_groups - 2) // 2) < 3]
     if small:
-        return (f"it needs at least 4 channels per GroupNorm group at every level, but "
-                f"model.block_out_channels {small} / model.norm_num_groups={norm_num_groups} give fewer; "
-                f"lower model.norm_num_groups")
+        return (f"it needs at least 4 channels per GroupNorm group and room for 3 colour pairs beside one "
+                f"constant pair per group at every level, but model.block_out_channels {small} with "
+                f"model.norm_num_groups={norm_num_groups} have less; lower model.norm_num_groups")
     return None
 
 

@@ -80,6 +80,7 @@ def test_every_weight_gets_a_gradient_within_three_steps():
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.block_out_channels=[16,32]", "model.norm_num_groups=8"], "lower model.norm_num_groups"),
+    (["model.block_out_channels=[8,16]", "model.norm_num_groups=2"], "room for 3 colour pairs"),  # 2 pairs
     (["model.block_out_channels=[16,32]", "model.norm_num_groups=4", "model.architecture=AutoencoderKLFlux2"],
      "AutoencoderKL"),
     (["model.init_scheme=xavier"], "model.init_scheme must be one of"),
