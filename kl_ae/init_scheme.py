@@ -53,7 +53,8 @@ def block_means_problem(block_out_channels, norm_num_groups: int, latent_channel
                         architecture: str) -> str | None:
     """Why model.init_scheme='block_means' cannot build this model, or None when it can."""
     if architecture != "AutoencoderKL":
-        return f"it is written for AutoencoderKL, not model.architecture={architecture!r}"
+        return (f"it is written for AutoencoderKL, not model.architecture={architecture!r}; "
+                f"set model.init_scheme=pytorch")
     if latent_channels < 3:
         return f"it needs model.latent_channels >= 3 (a colour), got {latent_channels}"
     # each group holds a constant pair, and the groups together three colour pairs (_layout)
@@ -62,7 +63,8 @@ def block_means_problem(block_out_channels, norm_num_groups: int, latent_channel
     if small:
         return (f"it needs at least 4 channels per GroupNorm group and room for 3 colour pairs beside one "
                 f"constant pair per group at every level, but model.block_out_channels {small} with "
-                f"model.norm_num_groups={norm_num_groups} have less; lower model.norm_num_groups")
+                f"model.norm_num_groups={norm_num_groups} have less; lower model.norm_num_groups, widen the levels "
+                f"(8 channels or more each), or set model.init_scheme=pytorch")
     return None
 
 
@@ -160,7 +162,8 @@ def init_block_means(vae, posterior_logvar: float | None = None) -> None:
 
     After it, for an image x of shape (N, 3, H, W) in [-1, 1] (H, W multiples of the downsampling
     factor f): ``posterior.mean[:, :3]`` is the f x f block mean of x (to within a few per cent of
-    its range), ``posterior.mean[:, 3:]`` small random features, the posterior log-variance
+    its range), ``posterior.mean[:, 3:]`` near-constant per channel (no image content yet), the
+    posterior log-variance
     ``posterior_logvar`` (None: -8) and ``decode(z).sample`` the nearest-neighbour upsampling of
     ``z[:, :3]``. Raises ValueError when :func:`block_means_problem` finds the model unsuitable.
     """

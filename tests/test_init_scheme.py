@@ -24,7 +24,8 @@ def _photo_like(n=2, size=32, seed=0):
 
 @pytest.mark.parametrize("extra", [[], ["model.use_quant_conv=false", "model.use_post_quant_conv=false",
                                         "model.latent_channels=16"],
-                                   ["model.norm_num_groups=1"]])  # three colours and a constant in one group
+                                   ["model.norm_num_groups=1"],  # three colours and a constant in one group
+                                   ["model.layers_per_block=2"], ["model.mid_block_add_attention=false"]])
 def test_block_means_encodes_block_means_and_decodes_them_back(extra):
     torch.manual_seed(0)
     vae = load_or_build_autoencoder(load_config(None, SMALL + extra + ["model.posterior_logvar_init=-6"]).model)
@@ -55,13 +56,16 @@ def test_block_means_on_a_four_level_model_scores_near_the_block_mean_image():
         x_hat = vae(x).sample
     target = F.interpolate(F.avg_pool2d(x, 8), scale_factor=8, mode="nearest")
     assert (x_hat - target).abs().max() < 0.05
+    logvar = vae.encode(x).latent_dist.logvar  # posterior_logvar_init unset: -8
+    torch.testing.assert_close(logvar, torch.full_like(logvar, -8.0))
 
 
-def test_every_weight_gets_a_gradient_within_three_steps():
+@pytest.mark.parametrize("extra", [[], ["model.use_quant_conv=false"], ["model.layers_per_block=2"]])
+def test_every_weight_gets_a_gradient_within_three_steps(extra):
     """Zeroed weights must not be stuck: a weight whose gradient and input are both zero stays
     zero for good. Three SGD steps on L2 + KL, then every single weight has had a gradient."""
     torch.manual_seed(0)
-    vae = load_or_build_autoencoder(load_config(None, SMALL + ["model.latent_channels=4"]).model)
+    vae = load_or_build_autoencoder(load_config(None, SMALL + ["model.latent_channels=4"] + extra).model)
     opt = torch.optim.SGD(vae.parameters(), lr=1e-2)
     touched = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in vae.named_parameters()}
     for step in range(3):
