@@ -128,6 +128,20 @@ def _resnets_and_attention(block: nn.Module) -> None:
             _zero(attention.to_out[0])
 
 
+def _levels(blocks, layouts, resamplers: str, taps) -> None:
+    """The encoder's down blocks or the decoder's up blocks, level by level: residual branches
+    zero, shortcuts between levels carry the carriers, each resampler's conv applies ``taps``."""
+    previous = layouts[0]
+    for layout, block in zip(layouts, blocks):
+        _resnets_and_attention(block)
+        for resnet in block.resnets:
+            if resnet.conv_shortcut is not None:
+                _main_path(resnet.conv_shortcut, layout, previous, torch.ones(1, 1))
+            previous = layout
+        for resampler in getattr(block, resamplers) or []:
+            _main_path(resampler.conv, layout, layout, torch.tensor(taps))
+
+
 def _norm_silu_conv_out(norm: nn.GroupNorm, conv: nn.Conv2d, layout, outputs: int) -> None:
     """``conv(silu(norm(h)))[i] ~= colour i`` for i < outputs; the other outputs keep their init.
 
@@ -178,17 +192,10 @@ def init_block_means(vae, posterior_logvar: float | None = None) -> None:
     encoder, decoder = vae.encoder, vae.decoder
 
     _conv_in(encoder.conv_in, layouts[0])
-    previous = layouts[0]
-    for layout, block in zip(layouts, encoder.down_blocks):
-        _resnets_and_attention(block)
-        for resnet in block.resnets:
-            if resnet.conv_shortcut is not None:
-                _main_path(resnet.conv_shortcut, layout, previous, torch.ones(1, 1))
-            previous = layout
-        for down in block.downsamplers or []:  # 3x3 stride 2 after a (0, 1, 0, 1) pad: a 2x2 mean
-            _main_path(down.conv, layout, layout, torch.tensor([[0.25, 0.25, 0], [0.25, 0.25, 0], [0, 0, 0]]))
+    # 3x3 stride 2 after a (0, 1, 0, 1) pad: a 2x2 mean
+    _levels(encoder.down_blocks, layouts, "downsamplers", [[0.25, 0.25, 0], [0.25, 0.25, 0], [0, 0, 0]])
     _resnets_and_attention(encoder.mid_block)
-    _norm_silu_conv_out(encoder.conv_norm_out, encoder.conv_out, previous, 3)
+    _norm_silu_conv_out(encoder.conv_norm_out, encoder.conv_out, layouts[-1], 3)
     encoder.conv_out.weight[3:latent] *= 0.1  # the spare latent channels start small
     encoder.conv_out.weight[latent:].zero_()
     encoder.conv_out.bias[latent:] = logvar
@@ -204,13 +211,5 @@ def init_block_means(vae, posterior_logvar: float | None = None) -> None:
     layouts = layouts[::-1]
     _conv_in(decoder.conv_in, layouts[0])  # no weight from the spare latent channels yet: they are not zero
     _resnets_and_attention(decoder.mid_block)
-    previous = layouts[0]
-    for layout, block in zip(layouts, decoder.up_blocks):
-        _resnets_and_attention(block)
-        for resnet in block.resnets:
-            if resnet.conv_shortcut is not None:
-                _main_path(resnet.conv_shortcut, layout, previous, torch.ones(1, 1))
-            previous = layout
-        for up in block.upsamplers or []:  # after nearest x2: the identity (centre tap)
-            _main_path(up.conv, layout, layout, torch.tensor([[0, 0, 0], [0, 1.0, 0], [0, 0, 0]]))
-    _norm_silu_conv_out(decoder.conv_norm_out, decoder.conv_out, previous, 3)
+    _levels(decoder.up_blocks, layouts, "upsamplers", [[0, 0, 0], [0, 1.0, 0], [0, 0, 0]])  # after nearest x2
+    _norm_silu_conv_out(decoder.conv_norm_out, decoder.conv_out, layouts[-1], 3)
