@@ -19,8 +19,10 @@ How the main path (everything outside the residual branches) carries a colour th
 GroupNorm + SiLU, which are not linear: in each GroupNorm group, channel pairs (s, -s) carry a
 colour s and one pair (B, -B) a constant; a group's mean is then 0 and its RMS is
 ``sqrt(2 (B**2 + mean(s**2)) / k)``, dominated by the constant, so the normalisation is a fixed
-scale to within ``mean(s**2) / (2 B**2)``: at most 3 % with B = 4 and |s| <= 1 (with fewer than
-3 groups, colours share a group and their mean squares add). Before the SiLU the
+scale to within ``mean(s**2) / (2 B**2)``: at most 3 % with B = 4 and |s| <= 1. With fewer than
+3 groups, colours share a group and their squares add: the RMS is then up to
+``sqrt(1 + n / B**2)`` times the constant's for n colours in a group, at most 6 % (2 groups) or
+9 % (1 group) on a saturated image, where one colour per group gives 3 %. Before the SiLU the
 norm's bias shifts both channels of a pair to +BETA, where SiLU is nearly linear, and the next
 conv takes their difference, which cancels SiLU's even-order terms. Downsamplers average each
 2x2 block, upsamplers copy (nearest neighbour); the 1x1 ``quant_conv``/``post_quant_conv`` and
@@ -171,15 +173,16 @@ def _norm_silu_conv_out(norm: nn.GroupNorm, conv: nn.Conv2d, layout, outputs: in
 
 
 @torch.no_grad()
-def init_block_means(vae, posterior_logvar: float | None = None) -> None:
+def init_block_means(vae) -> None:
     """Initialise ``vae`` (a freshly built diffusers AutoencoderKL) in place as a block-mean codec.
 
     After it, for an image x of shape (N, 3, H, W) in [-1, 1] (H, W multiples of the downsampling
     factor f): ``posterior.mean[:, :3]`` is the f x f block mean of x (to within a few per cent of
-    its range), ``posterior.mean[:, 3:]`` near-constant per channel (no image content yet), the
-    posterior log-variance
-    ``posterior_logvar`` (None: -8) and ``decode(z).sample`` the nearest-neighbour upsampling of
-    ``z[:, :3]``. Raises ValueError when :func:`block_means_problem` finds the model unsuitable.
+    its range), ``posterior.mean[:, 3:]`` near-constant per channel (no image content yet) and
+    ``decode(z).sample`` the nearest-neighbour upsampling of ``z[:, :3]``. The posterior
+    log-variance is left to ``kl_ae.model.init_posterior_logvar``, which the caller runs after it
+    (``load_or_build_autoencoder``: with LATENT_LOGVAR when ``model.posterior_logvar_init`` is
+    unset). Raises ValueError when :func:`block_means_problem` finds the model unsuitable.
     """
     cfg = vae.config
     problem = block_means_problem(cfg.block_out_channels, cfg.norm_num_groups, cfg.latent_channels,
@@ -188,7 +191,6 @@ def init_block_means(vae, posterior_logvar: float | None = None) -> None:
         raise ValueError(f"model.init_scheme=block_means: {problem}")
     layouts = [_layout(c, cfg.norm_num_groups) for c in cfg.block_out_channels]
     latent = cfg.latent_channels
-    logvar = LATENT_LOGVAR if posterior_logvar is None else posterior_logvar
     encoder, decoder = vae.encoder, vae.decoder
 
     _conv_in(encoder.conv_in, layouts[0])
@@ -197,13 +199,9 @@ def init_block_means(vae, posterior_logvar: float | None = None) -> None:
     _resnets_and_attention(encoder.mid_block)
     _norm_silu_conv_out(encoder.conv_norm_out, encoder.conv_out, layouts[-1], 3)
     encoder.conv_out.weight[3:latent] *= 0.1  # the spare latent channels start small
-    encoder.conv_out.weight[latent:].zero_()
-    encoder.conv_out.bias[latent:] = logvar
-    if vae.quant_conv is not None:
-        vae.quant_conv.weight.copy_(torch.eye(2 * latent)[:, :, None, None])
-        vae.quant_conv.bias.zero_()
-        vae.quant_conv.weight[latent:].zero_()
-        vae.quant_conv.bias[latent:] = logvar
+    if vae.quant_conv is not None:  # the mean half passes on; the log-variance half is the caller's
+        vae.quant_conv.weight[:latent].copy_(torch.eye(latent, 2 * latent)[:, :, None, None])
+        vae.quant_conv.bias[:latent].zero_()
     if vae.post_quant_conv is not None:
         vae.post_quant_conv.weight.copy_(torch.eye(latent)[:, :, None, None])
         vae.post_quant_conv.bias.zero_()

@@ -20,7 +20,7 @@ from kl_ae.checkpoint import (
     CONFIG, EMA_WEIGHTS, CheckpointError, config_file_of, load_autoencoder_state, read_loop_state, resolve_checkpoint,
 )
 from kl_ae.config import Config, LossConfig, ModelConfig, load_config
-from kl_ae.init_scheme import init_block_means
+from kl_ae.init_scheme import LATENT_LOGVAR as BLOCK_MEANS_LOGVAR, init_block_means
 from kl_ae.parsing import ConfigError
 from kl_ae.discriminator import PatchDiscriminator
 from kl_ae.single_file import load_ldm_vae_weights
@@ -135,10 +135,12 @@ def load_or_build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
         vae = autoencoder_class(cfg.architecture).from_pretrained(cfg.init_from, torch_dtype=torch.float32)
     else:
         vae = build_autoencoder(cfg)
+        logvar = cfg.posterior_logvar_init
         if cfg.init_scheme == "block_means":
-            init_block_means(vae, cfg.posterior_logvar_init)
-        elif cfg.posterior_logvar_init is not None:
-            init_posterior_logvar(vae, cfg.posterior_logvar_init)
+            init_block_means(vae)
+            logvar = BLOCK_MEANS_LOGVAR if logvar is None else logvar  # a codec's latent is not noise
+        if logvar is not None:
+            init_posterior_logvar(vae, logvar)
     if not cfg.train_encoder:
         freeze_encoder(vae)
     return vae

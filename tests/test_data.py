@@ -297,6 +297,29 @@ def test_corrupted_shards_do_not_stop_iteration(folder, tmp_path):
     assert counter.as_dict() == {"no_image_member": 1, "not_an_image": 1}
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_that_never_decode_end_in_a_data_error(tmp_path, workers):
+    """Shards whose samples all fail to decode: each pass is empty batches, so the stream stops
+    after one whole pass and training stops with DataError (it went on for good, empty batch
+    after empty batch, before ShardPasses checked for a decoded image)."""
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+            for i in range(4):
+                info = tarfile.TarInfo(f"s{shard}_{i}.jpg")
+                info.size = len(b"not a jpeg")
+                tar.addfile(info, io.BytesIO(b"not a jpeg"))
+    cfg = DataConfig(train=str(tmp_path / "shard-*.tar"), resolution=32, num_workers=workers, shuffle_buffer=1)
+    loader = D.TrainLoader(cfg, batch_size=2, seed=0)
+    one_pass = list(itertools.islice(loader, 50))
+    assert len(one_pass) == 4 and all(b["pixel_values"].shape[0] == 0 for b in one_pass)
+    assert sum(b["skip_reasons"].get("not_an_image", 0) for b in one_pass) == 8
+    loader.close()
+    batches = D.TrainBatches(cfg, 2, seed=0)
+    with pytest.raises(images.DataError, match="no usable training image in a whole epoch: skipped 8 images"):
+        next(batches.batches(lambda: False))
+    batches.close()
+
+
 def test_folder_dataloader_batches(folder):
     cfg = DataConfig(train=str(folder), resolution=32, num_workers=0)
     loader = D.TrainLoader(cfg, batch_size=4, seed=0)

@@ -82,6 +82,7 @@ class StreamPosition:
     def __init__(self, seed: int, batch_size: int):
         self.seed, self.batch_size, self.batches = seed, batch_size, 0
         self.read = 0  # samples this worker copy has read, skipped ones included, over all passes
+        self.resume_skipped = 0  # of them, skipped because a resumed run had produced them
         self._passes = 0
 
     def _worker(self) -> tuple[int, int, int]:
@@ -113,8 +114,10 @@ class StreamPosition:
         skip = max(0, -(-(self.batches - logical) // workers)) * self.batch_size  # j < batches, j % W == logical
         for sample in src:  # called again for every pass over the shards: the count goes on
             i, self.read = self.read, self.read + 1
-            if i >= skip:  # the augmentation seed: which sample of which worker of which rank
-                yield {**sample, "__position__": (self.seed, rank, logical, i)}
+            if i < skip:
+                self.resume_skipped += 1
+                continue
+            yield {**sample, "__position__": (self.seed, rank, logical, i)}  # seeds its augmentation
 
 
 def _buffer_shuffle(src: Iterator, bufsize: int, seed: int | None = None) -> Iterator:
@@ -139,15 +142,26 @@ class ShardPasses(IterableDataset):
     Written here, not ``WebDataset.repeat()``, because that stops after a pass that yields no
     sample, and a resumed worker's first passes yield none when its :class:`StreamPosition` skips
     them whole: a run resumed after more than one pass over its shards lost the stream's order or
-    stopped with "no usable training image". This stops only after a pass that read no sample at
-    all (no shard with a sample), as ``repeat()`` meant to."""
+    stopped with "no usable training image". This stops after a pass that read no sample at all
+    (no shard with a sample), as ``repeat()`` meant to, and after a whole pass (none of it skipped
+    for a resume) that read samples but decoded none: decoding gives the same result every pass,
+    so going on would yield empty batches for good. A loader whose workers all stop ends its pass
+    without a usable batch, and :class:`kl_ae.data.loaders.TrainBatches` raises DataError; a
+    worker that stops while others go on leaves its shards out (logged)."""
 
     def __init__(self, dataset: IterableDataset, position: StreamPosition):
         self.dataset, self.position = dataset, position
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            read = self.position.read
-            yield from self.dataset
+            read, resume_skipped, usable = self.position.read, self.position.resume_skipped, False
+            for record in self.dataset:
+                usable = usable or record.get("pixel_values") is not None
+                yield record
             if self.position.read == read:
+                return
+            if not usable and self.position.resume_skipped == resume_skipped:
+                logger.warning("a whole pass over this loader worker's shards read %d samples and decoded no "
+                               "image; the worker stops (its skip reasons are in the run's skip counts)",
+                               self.position.read - read)
                 return
