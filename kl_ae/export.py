@@ -216,9 +216,41 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
     return out_dir
 
 
+FP16_AUDIT_IMAGES = 2
+
+
+def audit_export(vae: AutoencoderKL, export_dir: Path, images: str, resolution: int,
+                 fp16_fix: bool = False) -> dict | None:
+    """Run the fp16 safety audit (:func:`kl_ae.eval.fp16.fp16_audit`) on the exported weights,
+    with the first FP16_AUDIT_IMAGES of ``images`` at ``resolution``, and write it to
+    ``export_dir``/fp16_audit.json for the model card. With ``fp16_fix`` (the run trained with
+    loss.fp16_fix) and a safe result, config.json gets ``force_upcast: false``. A failure is
+    logged, not raised: the export is written. Returns the audit or None."""
+    from kl_ae.eval.fp16 import FP16_AUDIT, format_fp16_audit, fp16_audit
+
+    try:
+        audit = fp16_audit(vae, images, resolution=resolution, max_images=FP16_AUDIT_IMAGES)
+    except Exception as err:  # noqa: BLE001 (the export is written; the card then says "not audited")
+        logger.warning("fp16 audit of the export failed (run kl-ae eval %s IMAGES --fp16-audit): %s: %s",
+                       export_dir, type(err).__name__, err)
+        return None
+    (export_dir / FP16_AUDIT).write_text(json.dumps(audit, indent=2))  # no local path: it goes to the Hub
+    logger.info("%s", "\n".join(format_fp16_audit(audit)))
+    _no_upcast_if_safe(vae, export_dir, audit, fp16_fix)
+    return audit
+
+
+def _no_upcast_if_safe(vae: AutoencoderKL, export_dir: Path, audit: dict, fp16_fix: bool) -> None:
+    if fp16_fix and audit.get("fp16_safe"):  # SDXL pipelines upcast a VAE unless its config says not to
+        vae.register_to_config(force_upcast=False)
+        vae.save_config(export_dir)
+        logger.info("fp16-fix: the export passes the fp16 audit; config.json says force_upcast: false")
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
                       images: str | None = None, device: str | None = None) -> Path:
-    """``kl-ae export``: write a run checkpoint as a diffusers export with its latent factors.
+    """``kl-ae export``: write a run checkpoint as a diffusers export with its latent factors and
+    its fp16 audit (fp16_audit.json: the trainer's, or measured on ``images`` when given).
 
     images: where to measure the factors (a data spec the user typed). Without it: the factors the
     trainer stored with the checkpoint it exported, or a decoder-only fine-tune's kept ones; the
@@ -236,7 +268,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: boo
     if stored is not None:
         factors = {k: v for k, v in stored.items() if k not in provenance}
         logger.info("scaling_factor from %s (measured by the trainer on these weights)", ckpt / LATENT_STATS)
-        return save_export(vae, out_dir, factors, provenance)
+        save_export(vae, out_dir, factors, provenance)
+        _reuse_audit(vae, ckpt, out_dir, cfg.loss.fp16_fix)
+        return out_dir
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
     try:
@@ -248,4 +282,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: boo
                          "checkpoint it exports at the end of a run), so scaling_factor must be measured: pass "
                          "--images with a folder or shard pattern of training-like images (the run's own "
                          "data.train is never read by export)") from err
-    return save_export(vae.cpu(), out_dir, factors, provenance)
+    save_export(vae, out_dir, factors, provenance)
+    audit_export(vae, out_dir, images, cfg.data.resolution, cfg.loss.fp16_fix)
+    return out_dir
+
+
+def _reuse_audit(vae: AutoencoderKL, ckpt: Path, out_dir: Path, fp16_fix: bool) -> None:
+    """The trainer's fp16 audit of these weights (kept with the checkpoint it exported, like the
+    latent statistics) goes with the export, with its force_upcast; without one the export is
+    not audited (``--images`` audits it)."""
+    from kl_ae.eval.fp16 import FP16_AUDIT
+
+    if not (ckpt / FP16_AUDIT).is_file():
+        logger.info("no fp16 audit stored with %s: the export is not audited (pass --images to audit it)", ckpt)
+        return
+    audit = json.loads((ckpt / FP16_AUDIT).read_text())
+    (out_dir / FP16_AUDIT).write_text(json.dumps(audit, indent=2))
+    _no_upcast_if_safe(vae, out_dir, audit, fp16_fix)

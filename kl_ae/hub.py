@@ -16,6 +16,7 @@ from kl_ae.eval.fp16 import FP16_AUDIT, format_fp16_audit
 
 CARD_TAGS = ["kl-ae", "autoencoder", "vae"]
 EXPORT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+CARD_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")  # the classes kl-ae trains and exports
 LATENT_STATS = "latent_stats.json"
 
 
@@ -28,16 +29,17 @@ def prepare_hub_folder(export_dir: str | Path, out_dir: str | Path, repo_id: str
     diffusers, tags kl-ae/autoencoder/vae, ``license``), the latent layout, scaling/shift factors,
     the latent statistics and how to load the model. Returns ``out_dir``.
 
-    Raises FileNotFoundError when ``export_dir`` is not a diffusers AutoencoderKL export,
-    ValueError for a config.json of another class, FileExistsError for a non-empty ``out_dir``.
+    Raises FileNotFoundError when ``export_dir`` is not a diffusers export, ValueError for a
+    config.json of a class other than AutoencoderKL or AutoencoderKLFlux2 (FLUX.2), FileExistsError
+    for a non-empty ``out_dir``.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     missing = [name for name in EXPORT_FILES if not (export_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{export_dir} is not a diffusers AutoencoderKL export: missing {', '.join(missing)}")
     config = json.loads((export_dir / "config.json").read_text())
-    if config.get("_class_name") != "AutoencoderKL":
-        raise ValueError(f"{export_dir}/config.json holds a {config.get('_class_name')!r}, not an AutoencoderKL")
+    if config.get("_class_name") not in CARD_CLASSES:
+        raise ValueError(f"{export_dir}/config.json holds a {config.get('_class_name')!r}, not one of {CARD_CLASSES}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose another directory")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,20 +56,28 @@ def prepare_hub_folder(export_dir: str | Path, out_dir: str | Path, repo_id: str
 
 def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str = "apache-2.0",
                fp16_audit: dict | None = None) -> str:
-    """README.md of a Hub repository holding one AutoencoderKL export (config: its config.json;
-    stats: its latent_stats.json, or None when the export has none; fp16_audit: its
-    fp16_audit.json, kl_ae.eval.fp16, or None when it was not audited)."""
+    """README.md of a Hub repository holding one AutoencoderKL or AutoencoderKLFlux2 export
+    (config: its config.json; stats: its latent_stats.json, or None when the export has none;
+    fp16_audit: its fp16_audit.json, kl_ae.eval.fp16, or None when it was not audited)."""
     front = yaml.safe_dump({"library_name": "diffusers", "license": license, "tags": list(CARD_TAGS)},
                            sort_keys=False)
     channels = config["latent_channels"]
     f = 2 ** (len(config["block_out_channels"]) - 1)
     scale, shift = config.get("scaling_factor"), config.get("shift_factor")
     quant = config.get("use_quant_conv", True) and config.get("use_post_quant_conv", True)
+    cls = config["_class_name"]
+    factor_rows = (_flux2_rows(config, channels) if cls == "AutoencoderKLFlux2" else [
+        f"| scaling_factor | {scale!r} |",
+        f"| shift_factor | {'none' if shift is None else repr(shift)} |", "",
+        "A diffusion model is trained on `(z - shift_factor) * scaling_factor` and decodes "
+        "`z / scaling_factor + shift_factor` (no shift when shift_factor is none). diffusers pipelines "
+        "read the factors from config.json: the SD3 and FLUX.1 pipelines both, the SD 1.x, SDXL and "
+        "DiT pipelines scaling_factor only.", ""])
     lines = [
         f"---\n{front}---", "",
         f"# {repo_id}", "",
         "A KL-regularized image autoencoder (the \"VAE\" first stage of latent diffusion) trained with "
-        "kl-ae and saved in the diffusers `AutoencoderKL` layout.", "",
+        f"kl-ae and saved in the diffusers `{cls}` layout.", "",
         "## Latent layout", "",
         "| | |", "|---|---|",
         f"| latent | {channels} channels at 1/{f} of the image size: (B, 3, H, W) -> (B, {channels}, H/{f}, W/{f}) |",
@@ -75,40 +85,57 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
         f"| encoder/decoder | block_out_channels {list(config['block_out_channels'])}, "
         f"layers_per_block {config.get('layers_per_block')}, "
         f"mid-block attention {'on' if config.get('mid_block_add_attention', True) else 'off'} |",
-        f"| quant convs | {'yes (SD 1.x / SDXL layout)' if quant else 'no (SD3 / FLUX.1 layout)'} |",
-        f"| scaling_factor | {scale!r} |",
-        f"| shift_factor | {'none' if shift is None else repr(shift)} |", "",
-        "A diffusion model is trained on `(z - shift_factor) * scaling_factor` and decodes "
-        "`z / scaling_factor + shift_factor` (no shift when shift_factor is none). diffusers pipelines "
-        "read the factors from config.json: the SD3 and FLUX.1 pipelines both, the SD 1.x, SDXL and "
-        "DiT pipelines scaling_factor only.", "",
-        *_stats_section(stats),
+        f"| quant convs | {'yes (SD 1.x / SDXL / FLUX.2 layout)' if quant else 'no (SD3 / FLUX.1 layout)'} |",
+        *factor_rows,
+        *_stats_section(stats, flux2=cls == "AutoencoderKLFlux2"),
         *_fp16_section(fp16_audit, config.get("force_upcast", True)),
         "## Use", "",
         "```python",
         "import torch",
-        "from diffusers import AutoencoderKL",
+        f"from diffusers import {cls}",
         "",
-        f"vae = AutoencoderKL.from_pretrained({json.dumps(repo_id)})",
+        f"vae = {cls}.from_pretrained({json.dumps(repo_id)})",
         f"images = torch.rand(1, 3, 256, 256) * 2 - 1  # RGB in [-1, 1], sides divisible by {f}",
-        "shift = vae.config.shift_factor or 0.0",
-        "with torch.no_grad():",
-        "    z = (vae.encode(images).latent_dist.sample() - shift) * vae.config.scaling_factor",
-        "    reconstruction = vae.decode(z / vae.config.scaling_factor + shift).sample",
+        *(["with torch.no_grad():",
+           "    z = vae.encode(images).latent_dist.mode()  # FLUX.2 pipelines encode the mode",
+           "    reconstruction = vae.decode(z).sample"] if cls == "AutoencoderKLFlux2" else [
+          "shift = vae.config.shift_factor or 0.0",
+          "with torch.no_grad():",
+          "    z = (vae.encode(images).latent_dist.sample() - shift) * vae.config.scaling_factor",
+          "    reconstruction = vae.decode(z / vae.config.scaling_factor + shift).sample"]),
         "```", "",
-        "In a pipeline with an AutoencoderKL `vae` component whose diffusion model was trained on these "
+        f"In a pipeline with an {cls} `vae` component whose diffusion model was trained on these "
         "latents: `DiffusionPipeline.from_pretrained(base, vae=vae)`.", "",
     ]
     return "\n".join(lines)
 
 
-def _stats_section(stats: dict | None) -> list[str]:
+def _flux2_rows(config: dict, channels: int) -> list[str]:
+    """The latent convention of an AutoencoderKLFlux2 (FLUX.2): no factors in config.json; its
+    pipelines (diffusers pipeline_flux2) patchify the posterior mode 2x2 and normalise it with the
+    BatchNorm running statistics stored in the weights."""
+    p = config.get("patch_size") or [2, 2]
+    c = channels * p[0] * p[1]
+    return [f"| diffusion latent | {c} channels: the latent patchified {p[0]}x{p[1]}, then "
+            f"`(z_p - bn.running_mean) / sqrt(bn.running_var + {config.get('batch_norm_eps', 1e-4):g})` |", "",
+            "FLUX.2 pipelines read no scaling_factor or shift_factor: they normalise the patchified "
+            "posterior mode with the BatchNorm running statistics in the weights (where they come "
+            "from: Latent statistics, below).", ""]
+
+
+def _stats_section(stats: dict | None, flux2: bool = False) -> list[str]:
     if stats is None:
         return ["## Latent statistics", "", "The export has no latent_stats.json.", ""]
     lines = ["## Latent statistics", ""]
     if "source" in stats:  # a decoder-only fine-tune keeps its original VAE's factors
         lines += [f"Factors {stats['source']}.", ""]
-    if "std" in stats:
+    if flux2 and stats.get("flux2_bn_mean") is not None:
+        lines += [
+            f"BatchNorm running statistics measured on {stats.get('num_images')} images ({stats.get('images')}) "
+            f"centre-cropped to {stats.get('resolution')} px, over the 2x2-patchified posterior mode "
+            f"({len(stats['flux2_bn_mean'])} channels).", "",
+        ]
+    elif "std" in stats:
         lines += [
             f"Measured on {stats.get('num_images')} images ({stats.get('images')}) centre-cropped to "
             f"{stats.get('resolution')} px, over latent {stats.get('latent', 'samples')}s: "

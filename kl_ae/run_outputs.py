@@ -17,7 +17,8 @@ from kl_ae import checkpoint as ckpt_io
 from kl_ae.config import Config
 from kl_ae.distributed import unsharded_autoencoder
 from kl_ae.eval.grids import pair_grid, save_grid
-from kl_ae.export import LATENT_STATS, latent_factors_for, save_export
+from kl_ae.eval.fp16 import FP16_AUDIT
+from kl_ae.export import LATENT_STATS, audit_export, latent_factors_for, save_export
 from kl_ae.tracking import log_images
 
 logger = logging.getLogger("kl_ae")
@@ -67,26 +68,6 @@ def periodic_eval(cfg: Config, accelerator: Accelerator, vae, ema: EMAModel | No
     accelerator.wait_for_everyone()
 
 
-FP16_AUDIT_IMAGES = 2
-
-
-def audit_export(vae, export_dir: Path, images: str, resolution: int) -> dict | None:
-    """Run the fp16 safety audit on the exported weights (the first FP16_AUDIT_IMAGES of
-    ``images`` at ``resolution``) and write it to ``export_dir``/fp16_audit.json for the model
-    card. A failure is logged, not raised: the export is written. Returns the audit or None."""
-    from kl_ae.eval.fp16 import FP16_AUDIT, format_fp16_audit, fp16_audit
-
-    try:
-        audit = fp16_audit(vae, images, resolution=resolution, max_images=FP16_AUDIT_IMAGES)
-    except Exception as err:  # noqa: BLE001 (the export is written; the card then says "not audited")
-        logger.warning("fp16 audit of the export failed (run kl-ae eval %s IMAGES --fp16-audit): %s: %s",
-                       export_dir, type(err).__name__, err)
-        return None
-    (export_dir / FP16_AUDIT).write_text(json.dumps(audit, indent=2))  # no local path: it goes to the Hub
-    logger.info("%s", "\n".join(format_fp16_audit(audit)))
-    return audit
-
-
 def finish_run(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int) -> str | None:
     """Export the EMA (or raw) weights with measured latent factors; evaluate on data.val.
     Returns why the evaluation failed (logged with its traceback), or None."""
@@ -95,16 +76,14 @@ def finish_run(cfg: Config, run_dir: Path, vae, ema: EMAModel | None, step: int)
         export_dir = run_dir / "export"
         shutil.rmtree(export_dir, ignore_errors=True)
         save_export(vae, export_dir, factors, {"step": step, "ema": ema is not None})
-        audit = audit_export(vae, export_dir, cfg.data.val or cfg.data.train, cfg.data.resolution)
-        if cfg.loss.fp16_fix and audit is not None and audit["fp16_safe"]:
-            # SDXL pipelines upcast a VAE to fp32 unless its config says force_upcast: false
-            vae.register_to_config(force_upcast=False)
-            vae.save_config(export_dir)
-            logger.info("fp16-fix: the export passes the fp16 audit; config.json says force_upcast: false")
+        audit = audit_export(vae, export_dir, cfg.data.val or cfg.data.train, cfg.data.resolution,
+                             cfg.loss.fp16_fix)
         # kl-ae export of this checkpoint reuses them (and never reads a received run's data.train)
         final_checkpoint = run_dir / "checkpoints" / ckpt_io.checkpoint_name(step)
         if final_checkpoint.is_dir():
             shutil.copyfile(export_dir / LATENT_STATS, final_checkpoint / LATENT_STATS)
+            if audit is not None:
+                shutil.copyfile(export_dir / FP16_AUDIT, final_checkpoint / FP16_AUDIT)
         if not cfg.data.val:
             return None
         from kl_ae.eval.evaluate import evaluate

@@ -83,6 +83,27 @@ def test_license_and_kept_factors(photos, tmp_path):
     assert "kept from model.init_from=sd/vae" in card and "Measured on" not in card
 
 
+def test_a_flux2_export_gets_a_card_with_its_batchnorm_convention(photos, tmp_path):
+    """FLUX.2 pipelines read no factors: the card says how they normalise (patchify, BatchNorm)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(ModelConfig(architecture="AutoencoderKLFlux2", block_out_channels=[8, 16],
+                                        layers_per_block=1, norm_num_groups=8, latent_channels=4))
+    factors = compute_latent_factors(vae, str(photos), resolution=32, num_images=3, progress=False)
+    export = save_export(vae, tmp_path / "export", factors, {"step": 7, "ema": True})
+    folder = prepare_hub_folder(export, tmp_path / "hub", "someone/flux2-vae")
+    loaded = AutoencoderKLFlux2.from_pretrained(folder)  # the folder is a loadable FLUX.2 VAE
+    torch.testing.assert_close(loaded.bn.running_mean, torch.tensor(factors["flux2_bn_mean"]))
+    card = (folder / "README.md").read_text()
+    assert "| diffusion latent | 16 channels: the latent patchified 2x2, then `(z_p - bn.running_mean) / " \
+           "sqrt(bn.running_var + 0.0001)` |" in card
+    assert "| scaling_factor |" not in card and "scaling_factor = 1/std" not in card
+    assert "BatchNorm running statistics measured on 3 images" in card and "(16 channels)" in card
+    assert 'AutoencoderKLFlux2.from_pretrained("someone/flux2-vae")' in card
+    assert front_matter(card)["library_name"] == "diffusers"
+
+
 def test_refuses_non_exports_and_non_empty_folders(photos, tmp_path):
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         prepare_hub_folder(tmp_path, tmp_path / "hub", "a/b")
@@ -93,7 +114,7 @@ def test_refuses_non_exports_and_non_empty_folders(photos, tmp_path):
         prepare_hub_folder(export, tmp_path / "full", "a/b")
     config = json.loads((export / "config.json").read_text())
     (export / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
-    with pytest.raises(ValueError, match="UNet2DModel"):
+    with pytest.raises(ValueError, match="UNet2DModel.*AutoencoderKLFlux2"):
         prepare_hub_folder(export, tmp_path / "hub", "a/b")
 
 

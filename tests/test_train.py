@@ -10,6 +10,7 @@ from PIL import Image
 
 from kl_ae.cli import main
 from kl_ae.config import load_config
+from kl_ae.eval.fp16 import FP16_AUDIT
 from kl_ae.model import autoencoder_from_checkpoint
 from kl_ae.trainer import scaled_learning_rate, train
 
@@ -84,13 +85,18 @@ def test_export_reloads_with_same_reconstruction(trained_run):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_export_command_and_force(trained_run, tmp_path):
+def test_export_command_and_force(trained_run, photos, tmp_path):
     out = tmp_path / "out"
     assert main(["export", str(trained_run), str(out)]) == 0
     vae = AutoencoderKL.from_pretrained(out)
     assert vae.config.scaling_factor > 0
+    # the trainer's fp16 audit of these weights goes with the export (the model card states it)
+    assert (out / FP16_AUDIT).read_text() == (trained_run / "export" / FP16_AUDIT).read_text()
     assert main(["export", str(trained_run), str(out)]) == 2  # non-empty: refused without --force
-    assert main(["export", str(trained_run), str(out), "--force"]) == 0
+    (out / FP16_AUDIT).unlink()
+    assert main(["export", str(trained_run), str(out), "--force", "--images", str(photos)]) == 0
+    audit = json.loads((out / FP16_AUDIT).read_text())  # measured again, on the images given
+    assert audit["images"] >= 1 and isinstance(audit["fp16_safe"], bool)
 
 
 def test_eval_command_writes_psnr_ssim(trained_run, photos, tmp_path):
