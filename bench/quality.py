@@ -223,7 +223,7 @@ def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolut
 
 def _table(a: argparse.Namespace, results: dict, baselines: dict | None, meta: dict) -> str:
     lines = [f"config {Path(a.config).name}, train {_short(a.data)}, val {_short(a.val)}, budget {a.minutes:g} min, "
-             f"precision {meta['precision']} ({meta['cpu_capability']}), {meta['device']}, "
+             f"precision {meta['precision']} ({meta['cpu_capability']}), {meta['device']}, {meta.get('cpu', '')}, "
              f"model {meta.get('block_out_channels')} (before --variant overrides)", "",
              "| trainer | minutes | images seen | step | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -324,15 +324,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from kl_ae.config import load_config
     from kl_ae.distributed import process_state
-    from kl_ae.precision import resolve_mixed_precision
+    from kl_ae.precision import cpu_model, resolve_mixed_precision
 
     cfg = load_config(a.config, _kl_ae_settings(a, Path("unused")))
     precision, note, _ = resolve_mixed_precision(cfg.train.mixed_precision, process_state().device)
     meta = {"argv": sys.argv[1:] if argv is None else argv, "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision": precision,
-            "precision_note": note, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_model(),
+            "precision": precision, "precision_note": note, "date": time.strftime("%Y-%m-%d %H:%M"),
             # the config's on_cpu_without_bf16 section may have chosen it on this machine
             "block_out_channels": list(cfg.model.block_out_channels)}
     print(note, flush=True)

@@ -12,6 +12,8 @@ It never chooses fp16: the SDXL-class decoders overflow it, so fp16 is only used
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,30 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
             return True, "CPU with " + " and ".join(found)
         return False, "CPU without AVX512-BF16 or AMX (bf16 would be emulated)"
     return False, f"{device.type} device (bf16 not assumed; set train.mixed_precision=bf16 to use it)"
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU as benchmarks record it, e.g. 'AMD EPYC (family 26, model 2, AVX512)': the model
+    name, family and model of the first processor in ``cpuinfo`` (the text of /proc/cpuinfo, read
+    when None) and torch's CPU capability. Cloud CPUs often name themselves only 'AMD EPYC', and
+    their generations differ in the bf16 arithmetic that decides ``auto``, so the family and model
+    go with the name. Parsed here because only these three fields are needed (py-cpuinfo would be
+    a dependency for them). Where /proc/cpuinfo is missing (not Linux): ``platform.processor()``.
+    """
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text(errors="replace") if path.is_file() else ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    ids = [f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model") if fields.get(k)]
+    return f"{name} ({', '.join(ids + [torch.backends.cpu.get_cpu_capability()])})"
 
 
 def cpu_without_bf16() -> bool:

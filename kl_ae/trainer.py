@@ -43,7 +43,7 @@ from kl_ae.monitor import EvaluationFailed, RunCounters, check_finite, check_rep
 from kl_ae.parsing import ConfigError
 from kl_ae.alignment import build_teacher
 from kl_ae.perceptual import build_lpips
-from kl_ae.precision import resolve_mixed_precision
+from kl_ae.precision import cpu_model, resolve_mixed_precision
 from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 from kl_ae.tracking import flat_config, init_kwargs, tracker_names
@@ -245,6 +245,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
     logger.log(note_level, precision_note)
+    logger.info("CPU: %s", cpu_model())  # benchmarks and bug reports need the machine a figure came from
     try:
         eval_error = _train(cfg, accelerator, run_dir, ckpt, batches, frozen)
     finally:

@@ -9,7 +9,7 @@ from accelerate.state import AcceleratorState
 import helpers
 from kl_ae.config import load_config
 from kl_ae.parsing import ConfigError
-from kl_ae.precision import native_bf16, resolve_mixed_precision
+from kl_ae.precision import cpu_model, native_bf16, resolve_mixed_precision
 from kl_ae.trainer import train
 
 CPU = torch.device("cpu")
@@ -96,3 +96,13 @@ def test_training_runs_in_the_resolved_precision(tmp_path, monkeypatch, fresh_ac
     assert f"mixed precision: {expected} (train.mixed_precision=auto on a CPU" in log
     bf16_regions = [s for s in seen if s == (torch.bfloat16, True)]
     assert bool(bf16_regions) == native
+
+
+def test_cpu_model_names_the_first_processor_with_family_and_model(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+               "model name\t: AMD EPYC\nflags\t\t: fpu avx512_bf16\n\n"
+               "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: other\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC (family 26, model 2, AVX512)"
+    monkeypatch.setattr("platform.processor", lambda: "arm")
+    assert cpu_model("") == "arm (AVX512)"  # no /proc/cpuinfo fields: the platform's name
