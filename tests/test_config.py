@@ -107,13 +107,13 @@ def test_on_cpu_without_bf16_section_replaces_the_files_values_only_there(monkey
     and the resolved config has no such section and loads back to the same values."""
     monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: without_bf16)
     cfg = load_config("quickstart")
-    assert cfg.model.block_out_channels == ([16, 32, 64, 64] if without_bf16 else [48, 96, 192, 192])
+    assert cfg.model.block_out_channels == ([16, 32, 64, 64] if without_bf16 else [32, 64, 128, 128])
     assert cfg.data.dead_leaves_fraction == (0.5 if without_bf16 else 0.0)
     assert cfg.model.norm_num_groups == (4 if without_bf16 else 8)  # block_means: 4 channels per group at 16
     assert cfg.model.init_scheme == "block_means"  # set at the top of the file: every machine
     assert cfg.train.max_minutes == 5.5  # the rest of the file applies on both
-    chosen = load_config("quickstart", ["model.block_out_channels=[32,64,128,128]"])
-    assert chosen.model.block_out_channels == [32, 64, 128, 128]
+    chosen = load_config("quickstart", ["model.block_out_channels=[64,128,256,256]"])
+    assert chosen.model.block_out_channels == [64, 128, 256, 256]
     save_config(cfg, tmp_path / "resolved.yaml")
     assert "on_cpu_without_bf16" not in (tmp_path / "resolved.yaml").read_text()
     monkeypatch.setattr("kl_ae.config.cpu_without_bf16", lambda: not without_bf16)  # another machine

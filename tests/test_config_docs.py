@@ -44,7 +44,7 @@ def test_config_prints_every_key_with_value_type_and_doc_and_loads_back(tmp_path
                 comment.insert(0, lines[i])
             assert comment and comment[0].startswith(f"  # ({f.type})"), f.name  # the type, then the doc
     assert "  # (int) Optimizer steps" in text and "Default: 100000." in text  # changed from the default
-    assert yaml.safe_load(text)["model"]["block_out_channels"] == [48, 96, 192, 192]
+    assert yaml.safe_load(text)["model"]["block_out_channels"] == [32, 64, 128, 128]
 
 
 def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch, capsys):

@@ -147,7 +147,9 @@ class ShardPasses(IterableDataset):
     for a resume) that read samples but decoded none: decoding gives the same result every pass,
     so going on would yield empty batches for good. A loader whose workers all stop ends its pass
     without a usable batch, and :class:`kl_ae.data.loaders.TrainBatches` raises DataError; a
-    worker that stops while others go on leaves its shards out (logged)."""
+    worker that stops while others go on leaves its shards out (logged), and as the loader then
+    no longer takes batches from its workers in turn, resuming such a run does not replay the
+    stream exactly (:class:`StreamPosition` assumes the turns)."""
 
     def __init__(self, dataset: IterableDataset, position: StreamPosition):
         self.dataset, self.position = dataset, position
@@ -162,6 +164,7 @@ class ShardPasses(IterableDataset):
                 return
             if not usable and self.position.resume_skipped == resume_skipped:
                 logger.warning("a whole pass over this loader worker's shards read %d samples and decoded no "
-                               "image; the worker stops (its skip reasons are in the run's skip counts)",
-                               self.position.read - read)
+                               "image; the worker stops (its skip reasons are in the run's skip counts). Other "
+                               "workers go on without its shards, and a resume of this run no longer replays "
+                               "their order exactly: fix or remove those shards", self.position.read - read)
                 return
