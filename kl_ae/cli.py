@@ -73,19 +73,28 @@ def _eval(args: argparse.Namespace) -> None:
 
     from kl_ae.distributed import process_state
 
-    run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
-        lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,
-        full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above,
-        lpips_net=args.lpips_net, rfid_weights=args.rfid_weights, max_image_pixels=args.max_image_pixels,
-        fp16_audit=args.fp16_audit)
-    if args.grid and process_state().is_main_process:
-        from kl_ae.model import load_autoencoder
-        from kl_ae.eval.grids import reconstruction_grid
+    state = process_state()
+    try:
+        run(args.model, args.images, out=args.out, resolution=args.resolution, batch_size=args.batch_size,
+            lpips_trunk=args.lpips_trunk, baselines=args.baselines, max_images=args.max_images,
+            full_size=args.full_size, tile_size=args.tile_size, tile_above=args.tile_above,
+            lpips_net=args.lpips_net, rfid_weights=args.rfid_weights, max_image_pixels=args.max_image_pixels,
+            fp16_audit=args.fp16_audit)
+        if args.grid and state.is_main_process:
+            from kl_ae.model import load_autoencoder
+            from kl_ae.eval.grids import reconstruction_grid
 
-        path = reconstruction_grid(load_autoencoder(args.model), args.images, args.grid,
-                                   resolution=args.resolution, max_images=args.grid_images,
-                                   amplify=args.grid_amplify)
-        print(f"input | reconstruction{' | amplified difference' if args.grid_amplify else ''} grid: {path}")
+            path = reconstruction_grid(load_autoencoder(args.model), args.images, args.grid,
+                                       resolution=args.resolution, max_images=args.grid_images,
+                                       amplify=args.grid_amplify)
+            print(f"input | reconstruction{' | amplified difference' if args.grid_amplify else ''} grid: {path}")
+    finally:
+        # Under accelerate launch: end the process group here, as Accelerator.end_training does for
+        # training. Left to interpreter exit, the gloo group's destructor aborted a rank once in CI
+        # ("terminate called without an active exception", exit -6). No barrier before it: after
+        # the gather only the main process works, and a rank that failed must not wait for others.
+        if state.num_processes > 1:
+            state.destroy_process_group()
 
 
 def _bench(args: argparse.Namespace) -> None:
