@@ -73,10 +73,8 @@ step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, record the o
 
 "$PY" - > "$OUT/machine.json" <<'EOF'
 import json, torch
-from kl_ae.precision import cpu_model
-print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_model()}))
+from kl_ae.precision import machine_info
+print(json.dumps({**machine_info(), "cuda": torch.version.cuda}))
 EOF
 
 step quality "${SLOT[0]}" "$PY" bench/quality.py --config "$CONFIG" --data "$TRAIN" --val "$VAL" \

@@ -320,18 +320,14 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
 def main(argv: list[str] | None = None) -> dict:
     a = _parse(argv)
     sys.path.insert(0, str(REPO))
-    import torch
 
     from kl_ae.config import load_config
     from kl_ae.distributed import process_state
-    from kl_ae.precision import cpu_model, resolve_mixed_precision
+    from kl_ae.precision import machine_info, resolve_mixed_precision
 
     cfg = load_config(a.config, _kl_ae_settings(a, Path("unused")))
     precision, note, _ = resolve_mixed_precision(cfg.train.mixed_precision, process_state().device)
-    meta = {"argv": sys.argv[1:] if argv is None else argv, "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_model(),
+    meta = {"argv": sys.argv[1:] if argv is None else argv, **machine_info(),
             "precision": precision, "precision_note": note, "date": time.strftime("%Y-%m-%d %H:%M"),
             # the config's on_cpu_without_bf16 section may have chosen it on this machine
             "block_out_channels": list(cfg.model.block_out_channels)}

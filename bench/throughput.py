@@ -218,12 +218,11 @@ def _without_cpu_section(config: str, work: Path) -> Path:
 def main() -> None:
     a = _parse()
     sys.path.insert(0, str(REPO))
-    import torch
 
     from kl_ae.config import load_config
     from kl_ae.distributed import process_state
     from kl_ae.model import build_autoencoder
-    from kl_ae.precision import cpu_model, resolve_mixed_precision
+    from kl_ae.precision import machine_info, resolve_mixed_precision
 
     # the device kl-ae train will pick; one resolved value for kl-ae and the peer
     a.precision, note, _ = resolve_mixed_precision(a.precision, process_state().device)
@@ -269,11 +268,7 @@ def main() -> None:
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_model(),
-                "precision": a.precision,
-                "precision_note": note,
+        meta = {"argv": sys.argv[1:], **machine_info(), "precision": a.precision, "precision_note": note,
                 "date": time.strftime("%Y-%m-%d %H:%M")}
         (out / "result.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=2))
         (out / "table.md").write_text(table + "\n")

@@ -64,6 +64,14 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return f"{name} ({', '.join(ids + [torch.backends.cpu.get_cpu_capability()])})"
 
 
+def machine_info() -> dict:
+    """The machine a benchmark figure came from, for its result.json: torch version, CPU threads,
+    device (the CUDA device's name, else 'cpu'), torch's CPU capability and :func:`cpu_model`."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_model()}
+
+
 def cpu_without_bf16() -> bool:
     """Whether this machine trains on a CPU without bf16 arithmetic: no CUDA device, and
     :func:`native_bf16` false for the CPU (no AVX512-BF16 or AMX). Such a CPU trains in fp32 under
