@@ -426,6 +426,30 @@ def test_epoch_sampler_resume_skips_exactly_the_consumed_samples():
     assert sorted(list(sampler)) == list(range(30, 40)) and list(sampler) != [k + 10 for k in full]
 
 
+def test_folder_smaller_than_the_batch_crops_every_repetition_anew(tmp_path):
+    """A folder of 3 images and a batch of 8: each file appears 2-3 times in an epoch, and each
+    appearance has its own index, hence its own crop (a shared index gave identical duplicates)."""
+    sampler = D.EpochSampler(3, 8, seed=0)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    flat = [k for e in epochs for k in e]
+    assert len(flat) == len(set(flat))  # unique over the run, not only within an epoch
+    for e in epochs:  # every file appears 2 or 3 times per epoch
+        assert sorted(sum(1 for k in e if k % 3 == file) for file in range(3)) == [2, 3, 3]
+    for i in range(3):
+        _photo(96, 96, i).save(tmp_path / f"{i}.png")
+    ds = D.ImageFolderDataset(sorted(tmp_path.glob("*.png")), 32, root=tmp_path)
+    crops = {}
+    for k in epochs[0]:
+        crops.setdefault(k % 3, []).append(ds[k]["pixel_values"])
+    for file, same_file in crops.items():
+        for a in range(len(same_file)):
+            for b in range(a + 1, len(same_file)):
+                assert not torch.equal(same_file[a], same_file[b]), f"file {file}: two identical crops"
+
+
 def test_symlinks_are_followed_once_and_each_real_file_counts_once(tmp_path):
     root = tmp_path / "photos"
     (root / "sub").mkdir(parents=True)

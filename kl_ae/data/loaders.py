@@ -75,8 +75,9 @@ class ImageFolderDataset(Dataset):
     "skip_reason": str, "name": str}`` (a record, not None, so the reason survives worker
     processes), which :func:`collate` counts. ``name``: path relative to ``root`` if given.
 
-    An index ``k >= len(self)`` (from :class:`EpochSampler`) means file ``k % len`` in epoch
-    ``k // len``; the crop and flip are drawn from ``sample_generator(seed, k)``.
+    An index ``k >= len(self)`` (from :class:`EpochSampler`) means file ``k % len``; the crop
+    and flip are drawn from ``sample_generator(seed, k)``, so distinct indices of one file give
+    distinct crops.
 
     decode_cache_mb > 0 keeps decoded images (as :func:`decode` returns them, so crops are
     bit-identical to uncached ones) in this process, up to that many MiB of pixels, first come
@@ -121,8 +122,11 @@ class ImageFolderDataset(Dataset):
 class EpochSampler(Sampler[int]):
     """Shuffled indices whose order depends only on (seed, epoch), for exact resumption.
 
-    Epoch e yields a permutation of range(n) (repeated when ``num_samples`` > n), each index
-    offset by e * n so the dataset can seed the sample's augmentation by epoch too. Call
+    Epoch e yields a permutation of range(n), repeated with a fresh order when ``num_samples`` > n
+    (a folder smaller than the batch), and each sample's index is unique over the whole run: the
+    r-th repetition of file i in epoch e is ``(e * R + r) * n + i`` with R = ceil(num_samples / n)
+    repetitions per epoch. The dataset reads file ``index % n`` and seeds the sample's crop and
+    flip by the index, so every repetition and every epoch crops anew. Call
     :meth:`set_epoch` before each pass (Accelerate's prepared loader forwards it);
     :meth:`resume_at` skips the samples of an epoch already consumed before a checkpoint.
     """
@@ -143,10 +147,11 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = sample_generator(self.seed, self.epoch, 7)
-        order = torch.cat([torch.randperm(self.n, generator=g)
-                           for _ in range(-(-self.num_samples // self.n))])[:self.num_samples]
+        repetitions = -(-self.num_samples // self.n)
+        offset = self.epoch * repetitions * self.n
+        order = torch.cat([torch.randperm(self.n, generator=g) + r * self.n
+                           for r in range(repetitions)])[:self.num_samples]
         skip, self._skip = self._skip, 0
-        offset = self.epoch * self.n
         return iter([offset + int(i) for i in order[skip:]])
 
 
