@@ -1,36 +1,124 @@
 #!/usr/bin/env bash
 # Every GPU figure kl-ae still lacks, in one command that fits in 10 minutes on one H100/H200:
 #   1. a 5-minute quality-per-compute run (bench/quality.py): the SD-size f8c4 model with the
-#      quickstart's recipe on photographs, PSNR/SSIM at 1-minute marks against the baselines
+#      quickstart's recipe on photographs, PSNR/SSIM at four time marks against the baselines
 #   2. sd-f8c4 at 256² training throughput against the peer and a plain loop (bench/throughput.py)
 #   3. FLOPs per training image and the MFU they imply at the measured images/s (bench/flops.py)
 #   4. the largest batch at 256² and 512², with and without gradient checkpointing (bench/max_batch.py)
 # Every raw output lands under one folder (default results/gpu/<date>); a step that fails or runs
 # out of its time slot is recorded in status.txt and the next step still runs.
 #
-#   bash bench/gpu.sh [OUT]              # on the GPU machine
-#   bash bench/gpu.sh --dry-run [OUT]    # the same steps at toy size on a CPU (about a minute; tested)
+#   bash bench/gpu.sh --prepare                    # here, first: what the GPU machine lacks, into .gpu/
+#   bash bench/gpu.sh [--pack FILE.tgz] [OUT]      # on the GPU machine
+#   bash bench/gpu.sh --dry-run [OUT]              # the same steps at toy size on a CPU (about a minute; tested)
+#
+# --prepare (where pip reaches a package registry and the photos are) fills the git-ignored folder
+# .gpu/: wheels of the packages the GPU image lacks (kl-ae's diffusers, lpips, webdataset,
+# braceexpand, torch-fidelity; the peer's datasets and taming-transformers), the photographs
+# (train/ with short sides capped at 512 px, the most the recipe's crops use, so that they fit the
+# device's 64 MiB; val/ as it is) and, given PEER, the peer's script. On the GPU machine this
+# script installs .gpu/whl with --no-deps into a folder on PYTHONPATH, checks the imports before it
+# starts, and takes its photos and peer from .gpu/. --pack FILE writes the output folder into one
+# tar.gz after every step, so a device that returns few files, or a run cut short, still brings
+# back everything measured so far. The device call: `bash bench/gpu.sh --pack $OUT/gpu.tgz`,
+# carrying .gpu.
 #
 # Environment (all optional):
-#   PEER=/path/to/train_autoencoderkl.py  PEER_PYTHON=python   the diffusers example trainer (no peer column without)
-#   PHOTOS=DIR          a folder with train/ and val/ (default ../shared/data/photos, else the builtin photos)
+#   PEER=/path/to/train_autoencoderkl.py  PEER_PYTHON=python   the diffusers example trainer (on the
+#                       GPU machine default .gpu/peer/train_autoencoderkl.py; no peer column without)
+#   PHOTOS=DIR          a folder with train/ and val/ (default .gpu/photos, else ../shared/data/photos,
+#                       else the builtin photos)
 #   PEAK_TFLOPS=989     the device's dense bf16 peak (989 for an H100 SXM or H200)
-#   PYTHON=python3
+#   QUALITY_MINUTES=5   the quality run's training budget
+#   PYTHON=python3      GPU_PYTHON_VERSION=3.12 (the GPU machine's Python, for --prepare's wheels)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-OUT="${1:-results/gpu/$(date +%Y%m%d-%H%M)}"
 PY="${PYTHON:-python3}"
+KIT=.gpu
+# The versions this repository's CI and benchmarks ran with; all pure Python (multiprocess's wheel
+# is per Python version, hence GPU_PYTHON_VERSION)
+WHEELS=(diffusers==0.42.1 lpips==0.1.4 webdataset==1.0.2 braceexpand==0.1.7 torch-fidelity==0.4.0
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 taming-transformers==0.0.1)
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  set -e
+  rm -rf "$KIT"; mkdir -p "$KIT/whl" "$KIT/photos"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$KIT/whl" "${WHEELS[@]}"
+  SRC="${PHOTOS:-../shared/data/photos}"
+  if [[ -d "$SRC/train" && -d "$SRC/val" ]]; then
+    cp -r "$SRC/val" "$KIT/photos/val"
+    "$PY" - "$SRC/train" "$KIT/photos/train" <<'PYEOF'
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True)
+for f in sorted(p for p in src.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}):
+    img = Image.open(f).convert("RGB")
+    scale = 512 / min(img.size)
+    if scale < 1:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+    img.save(dst / f"{f.stem}.jpg", quality=95)
+PYEOF
+  else
+    echo "no photos at $SRC (set PHOTOS): the GPU run will train on the builtin photos"
+  fi
+  if [[ -n "${PEER:-}" ]]; then mkdir -p "$KIT/peer"; cp "$PEER" "$KIT/peer/"; fi
+  tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  kit=$(du -sb "$KIT" | cut -f1)
+  awk -v t="$tree" -v k="$kit" 'BEGIN { printf "travels to the device: %.1f MiB (working tree %.1f, .gpu %.1f; the limit is 64)\n", (t + k) / 2^20, t / 2^20, k / 2^20 }'
+  exit 0
+fi
+
+DRY=0; PACK=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY=1; shift ;;
+    --pack) PACK="$2"; shift 2 ;;
+    *) break ;;
+  esac
+done
+OUT="${1:-results/gpu/$(date +%Y%m%d-%H%M)}"
 PEAK="${PEAK_TFLOPS:-989}"
 mkdir -p "$OUT"
 : > "$OUT/status.txt"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 
-PHOTOS="${PHOTOS:-../shared/data/photos}"
+pack() {  # the output folder as one file, replaced after every step
+  if [[ -n "$PACK" ]]; then
+    tar czf "$PACK.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$PACK.part" "$PACK"
+  fi
+}
+
+if [[ $DRY == 0 ]] && compgen -G "$KIT/whl/*.whl" > /dev/null; then
+  SITE=$(mktemp -d /tmp/kl-ae-site.XXXX)
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$KIT"/whl/*.whl; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "wheels: $(ls "$KIT/whl" | tr '\n' ' ')-> $SITE" | tee -a "$OUT/status.txt"
+  else
+    echo "wheels: pip install of $KIT/whl failed" | tee -a "$OUT/status.txt"
+  fi
+fi
+# kl_ae first: its torchvision import fix (a no-op where torchvision imports normally)
+if ! "$PY" -c "import kl_ae.cli, diffusers, lpips, webdataset, torch_fidelity, torchmetrics, accelerate" \
+     2>> "$OUT/status.txt"; then
+  echo "kl-ae's packages do not import (above). On a GPU machine without network, run" \
+       "'bash bench/gpu.sh --prepare' where pip works, and carry .gpu" | tee -a "$OUT/status.txt"
+  pack
+  exit 1
+fi
+
+if [[ -z "${PHOTOS:-}" ]]; then
+  if [[ -d "$KIT/photos/train" ]]; then PHOTOS="$KIT/photos"; else PHOTOS=../shared/data/photos; fi
+fi
 if [[ -d "$PHOTOS/train" && -d "$PHOTOS/val" ]]; then TRAIN="$PHOTOS/train"; VAL="$PHOTOS/val"
 else TRAIN=builtin:train; VAL=builtin:val; fi
+if [[ -z "${PEER:-}" && -f "$KIT/peer/train_autoencoderkl.py" ]]; then PEER="$KIT/peer/train_autoencoderkl.py"; fi
 
 # The quickstart's recipe on the SD-size model (LR 4e-4 instead of 1e-3: a guess for a 20x larger
 # model, not measured), with its block-mean start (32 groups leave 4 channels per group at 128).
@@ -41,10 +129,18 @@ RECIPE=(--set loss.perceptual_weight=0 --set loss.l2_weight=1.0 --set optim.scal
         --set optim.lr_schedule=cosine --set optim.lr_final_ratio=0.05 --set loss.disc_start=100000000
         --set train.batch_size=16 --set train.gradient_accumulation_steps=1 --set train.ema_decay=0.999
         --set data.num_workers=8 --set "data.short_side_range=[256,512]" --set data.decode_cache_mb=2048
-        --set model.norm_num_groups=32 --set model.posterior_logvar_init=-8 --set model.init_scheme=block_means)
+        --set model.norm_num_groups=32 --set model.posterior_logvar_init=-8 --set model.init_scheme=block_means
+        --set train.scaling_images=4)
 CONFIG=configs/sd-f8c4.yaml
-RES=(256 512); QUALITY_MIN=5; QUALITY_EVERY=1.25; TP=(--resolution 256 --batch 8 --steps 10 --repeats 1 --workers 8)
-MAXB=(--max-batch 128); SLOT=(400 90 30 80)  # seconds per step: 600 in all
+QUALITY_MIN="${QUALITY_MINUTES:-5}"
+QUALITY_EVERY=$(awk -v m="$QUALITY_MIN" 'BEGIN { print m / 4 }')
+RES=(256 512); TP=(--resolution 256 --batch 8 --steps 10 --repeats 1 --workers 8)
+MAXB=(--start-batch 16 --max-batch 128 --tolerance 0.25)
+# Seconds per step, 555 in all at 5 minutes: with the wheels' install the run ends inside a device
+# call's 600 s. The quality slot is its training budget plus 75 s for start-up, checkpoint writes,
+# the export and evaluating each checkpoint.
+SLOT=($(awk -v m="$QUALITY_MIN" 'BEGIN { print int(m * 60 + 75) }') 80 25 75)
+GRACE=30  # after a slot's SIGINT: a trainer writes its checkpoint, the quality bench evaluates it
 if [[ $DRY == 1 ]]; then
   CONFIG="$OUT/toy.yaml"
   cat > "$CONFIG" <<'EOF'
@@ -58,17 +154,23 @@ EOF
   RES=(32); QUALITY_MIN=0.1; QUALITY_EVERY=0.05; TP=(--resolution 32 --batch 2 --steps 2 --warmup 1 --repeats 1 --lpips off)
   MAXB=(--max-batch 2); SLOT=(120 120 60 120); TRAIN=builtin:train; VAL=builtin:val; PEER=""
 fi
+if [[ -n "${PEER:-}" ]] && ! "${PEER_PYTHON:-$PY}" -c "import kl_ae, datasets, taming.modules.losses.vqperceptual, diffusers" \
+     2>> "$OUT/status.txt"; then
+  echo "peer: its packages do not import (above); no peer column" | tee -a "$OUT/status.txt"
+  PEER=""
+fi
 
-step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, record the outcome
+step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, record the outcome, pack
   local name="$1" limit="$2"; shift 2
   local t0=$SECONDS
   echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/status.txt"
-  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after=$GRACE "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   local note=""
   if [[ $rc == 124 || $rc == 137 ]]; then note=" (time slot ran out)"; fi
   echo "   $name: exit $rc after $((SECONDS - t0)) s$note" | tee -a "$OUT/status.txt"
   tail -n 25 "$OUT/$name.log"
+  pack
 }
 
 "$PY" - > "$OUT/machine.json" <<'EOF'
@@ -76,6 +178,7 @@ import json, torch
 from kl_ae.precision import machine_info
 print(json.dumps({**machine_info(), "cuda": torch.version.cuda}))
 EOF
+echo "data: $TRAIN -> $VAL; peer: ${PEER:-none}" | tee -a "$OUT/status.txt"
 
 step quality "${SLOT[0]}" "$PY" bench/quality.py --config "$CONFIG" --data "$TRAIN" --val "$VAL" \
   --minutes "$QUALITY_MIN" --every "$QUALITY_EVERY" --lpips-trunk none "${RECIPE[@]}" --out "$OUT/quality"
@@ -93,4 +196,5 @@ step flops "${SLOT[2]}" "$PY" bench/flops.py "$CONFIG" --resolution "${TP[1]}" \
 step max_batch "${SLOT[3]}" "$PY" bench/max_batch.py "$CONFIG" --resolution "${RES[@]}" "${MAXB[@]}" \
   --out "$OUT/max_batch.json"
 
-echo "all raw outputs: $OUT" | tee -a "$OUT/status.txt"
+echo "all raw outputs: $OUT${PACK:+ (packed into $PACK)}" | tee -a "$OUT/status.txt"
+pack

@@ -5,11 +5,12 @@
 
 For each resolution and each setting of ``train.gradient_checkpointing``, runs one full kl-ae
 training step (autoencoder update with LPIPS and the GAN term active, then the discriminator
-update; kl_ae.step, the trainer's own code) at batch 1, 2, 4, ... until it runs out of memory
-or reaches --max-batch, then bisects between the last batch that fitted and the first that did
-not. Reports the largest batch and its peak allocated memory (CUDA only). LPIPS uses an
-untrained VGG16 trunk (same size and cost as the real one). Each step runs in this process;
-after each try its objects are freed and the CUDA cache emptied before the next.
+update; kl_ae.step, the trainer's own code) at batch --start-batch, twice that, ... until it
+runs out of memory or reaches --max-batch, then bisects between the last batch that fitted and
+the first that did not (to within --tolerance). Reports the largest batch, the time of its
+second step and its peak allocated memory (CUDA only). LPIPS uses an untrained VGG16 trunk (same
+size and cost as the real one). The models of one setting are built once in this process; after
+each try its batch is freed and the CUDA cache emptied before the next.
 """
 
 from __future__ import annotations
@@ -31,15 +32,78 @@ def _is_oom(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(s in str(err) for s in ("out of memory", "ALLOC_FAILED")))
 
 
-def _try_step(config: str, resolution: int, batch: int, checkpointing: bool) -> dict | None:
-    """One training step at ``batch``; None when it runs out of memory. Frees everything it built
-    before returning (the caller empties the CUDA cache once this frame is gone)."""
-    try:
-        return _step_once(config, resolution, batch, checkpointing)
-    except (RuntimeError, MemoryError) as err:
-        if not _is_oom(err):
-            raise
-        return None
+class _Setting:
+    """The models, optimizers and Accelerator of one (resolution, checkpointing) setting, built
+    once: each try allocates only its batch. (Building the VAE and a 138 M-parameter random
+    VGG16 on the host for every try cost seconds each.) Use as a context manager."""
+
+    def __init__(self, config: str, resolution: int, checkpointing: bool):
+        import torch
+        from accelerate import Accelerator
+
+        from kl_ae.config import load_config
+        from kl_ae.perceptual import build_lpips
+        from kl_ae.precision import resolve_mixed_precision
+        from kl_ae.step import StepModels
+        from kl_ae.trainer import _build, _Frozen
+
+        cfg = load_config(config, [f"data.resolution={resolution}", "loss.disc_start=0", "loss.lpips_trunk=random",
+                                   "train.gradient_accumulation_steps=1",
+                                   f"train.gradient_checkpointing={'true' if checkpointing else 'false'}"])
+        self.cfg, self.resolution = cfg, resolution
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision, _, _ = resolve_mixed_precision(cfg.train.mixed_precision, self.device)
+        self.accelerator = Accelerator(mixed_precision=precision)
+        perceptual, name = build_lpips("random") if cfg.loss.perceptual_weight > 0 else (None, "lpips")
+        ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, self.accelerator, _Frozen(perceptual, name))
+        ae, disc, opt_ae, opt_disc = self.accelerator.prepare(ae, disc, opt_ae, opt_disc)
+        self.models = StepModels(ae, disc, opt_ae, opt_disc, s_ae, s_disc, perceptual, name)
+
+    def __enter__(self) -> "_Setting":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.accelerator.free_memory()
+        self.models = None
+        _release()
+
+    def try_batch(self, batch: int) -> dict:
+        """Two training steps at ``batch`` (the second with the optimizer states allocated);
+        {"batch", "fits", "step_s" (the second step), "peak_cuda_mb"} or, for a batch that does
+        not fit, {"batch", "fits": False, "error"?}. A RuntimeError other than out-of-memory at
+        a batch > 1 counts as not fitting and is recorded (large tensors can exceed a kernel's
+        32-bit indexing before they exceed the memory); at batch 1 it is raised."""
+        import torch
+
+        from kl_ae.step import autoencoder_step, discriminator_step
+
+        m, cuda = self.models, self.device.type == "cuda"
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            x = torch.rand(batch, 3, self.resolution, self.resolution, device=self.device) * 2 - 1
+            seconds = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                rec, _ = autoencoder_step(self.accelerator, m, x, 0, self.cfg.loss)
+                discriminator_step(self.accelerator, m, x, rec, 0, self.cfg.loss)
+                del rec
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - t0)
+            out = {"batch": batch, "fits": True, "step_s": round(seconds[-1], 3)}
+            if cuda:
+                out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            return out
+        except (RuntimeError, MemoryError) as err:
+            if not _is_oom(err) and batch == 1:
+                raise
+            return {"batch": batch, "fits": False, **({} if _is_oom(err) else {"error": str(err)[:300]})}
+        finally:
+            x = None
+            for opt in (m.opt_ae, m.opt_disc):
+                opt.zero_grad(set_to_none=True)
+            _release()
 
 
 def _release() -> None:
@@ -50,68 +114,39 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _step_once(config: str, resolution: int, batch: int, checkpointing: bool) -> dict:
-    import torch
-    from accelerate import Accelerator
-
-    from kl_ae.config import load_config
-    from kl_ae.perceptual import build_lpips
-    from kl_ae.precision import resolve_mixed_precision
-    from kl_ae.step import StepModels, autoencoder_step, discriminator_step
-    from kl_ae.trainer import _build, _Frozen
-
-    cfg = load_config(config, [f"data.resolution={resolution}", "loss.disc_start=0", "loss.lpips_trunk=random",
-                               "train.gradient_accumulation_steps=1",
-                               f"train.gradient_checkpointing={'true' if checkpointing else 'false'}"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision, _, _ = resolve_mixed_precision(cfg.train.mixed_precision, device)
-    accelerator = Accelerator(mixed_precision=precision)
-    try:
-        perceptual, name = build_lpips("random") if cfg.loss.perceptual_weight > 0 else (None, "lpips")
-        ae, disc, opt_ae, opt_disc, s_ae, s_disc = _build(cfg, accelerator, _Frozen(perceptual, name))
-        ae, disc, opt_ae, opt_disc = accelerator.prepare(ae, disc, opt_ae, opt_disc)
-        m = StepModels(ae, disc, opt_ae, opt_disc, s_ae, s_disc, perceptual, name)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-        t0 = time.perf_counter()
-        for _ in range(2):  # the second step runs with the optimizer states allocated
-            rec, _ = autoencoder_step(accelerator, m, x, 0, cfg.loss)
-            discriminator_step(accelerator, m, x, rec, 0, cfg.loss)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out = {"batch": batch, "step_s": round((time.perf_counter() - t0) / 2, 3)}
-        if device.type == "cuda":
-            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-        return out
-    finally:
-        accelerator.free_memory()
-
-
-def largest_batch(config: str, resolution: int, checkpointing: bool, max_batch: int) -> dict:
-    """Doubling, then bisection. Returns {"largest_batch", "fits", "tries"} (largest 0: not even batch 1)."""
+def largest_batch(config: str, resolution: int, checkpointing: bool, max_batch: int, start_batch: int = 1,
+                  tolerance: float = 0.0) -> dict:
+    """Doubling from ``start_batch``, then bisection until the gap between the largest batch that
+    fitted and the smallest that did not is at most ``max(1, tolerance * largest)``. Returns
+    {"largest_batch", "capped_at_max_batch", "fits", "tries"} (largest 0: not even batch 1)."""
     tries, fits = [], None
-    lo, hi, batch = 0, None, 1
-    while batch <= max_batch:
-        r = _try_step(config, resolution, batch, checkpointing)
-        _release()
-        tries.append({"batch": batch, "fits": r is not None, **(r or {})})
-        print(f"  {resolution} px, checkpointing {checkpointing}: batch {batch} {'fits' if r else 'OOM'}", flush=True)
-        if r is None:
-            hi = batch
-            break
-        lo, fits = batch, r
-        batch *= 2
-    while hi is not None and hi - lo > 1:
-        mid = (lo + hi) // 2
-        r = _try_step(config, resolution, mid, checkpointing)
-        _release()
-        tries.append({"batch": mid, "fits": r is not None, **(r or {})})
-        if r is None:
-            hi = mid
-        else:
-            lo, fits = mid, r
-    return {"largest_batch": lo, "capped_at_max_batch": hi is None, "fits": fits, "tries": tries}
+    lo, hi, batch = 0, None, max(1, min(start_batch, max_batch))
+    with _Setting(config, resolution, checkpointing) as setting:
+        def attempt(b: int) -> dict | None:
+            r = setting.try_batch(b)
+            tries.append(r)
+            print(f"  {resolution} px, checkpointing {checkpointing}: batch {b} {'fits' if r['fits'] else 'does not fit'}"
+                  + (f" ({r['error'][:80]})" if "error" in r else ""), flush=True)
+            return r if r["fits"] else None
+
+        while batch <= max_batch:
+            r = attempt(batch)
+            if r is None:
+                hi = batch
+                break
+            lo, fits = batch, r
+            if batch == max_batch:
+                break
+            batch = min(batch * 2, max_batch)
+        while hi is not None and hi - lo > max(1, int(tolerance * lo)):
+            mid = (lo + hi) // 2
+            r = attempt(mid)
+            if r is None:
+                hi = mid
+            else:
+                lo, fits = mid, r
+    return {"largest_batch": lo, "capped_at_max_batch": hi is None, "fits": fits, "tries": tries,
+            **({"next_failed": hi} if hi is not None else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("config")
     p.add_argument("--resolution", type=int, nargs="+", default=[256, 512])
     p.add_argument("--max-batch", type=int, default=256, help="stop doubling here")
+    p.add_argument("--start-batch", type=int, default=1, help="the first batch tried (doubling from there)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="stop bisecting when the gap is at most this fraction of the largest batch (0: exact)")
     p.add_argument("--out", help="JSON file for the results")
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -129,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                "torch": torch.__version__, "runs": []}
     for res in a.resolution:
         for ckpt in (False, True):
-            r = largest_batch(a.config, res, ckpt, a.max_batch)
+            r = largest_batch(a.config, res, ckpt, a.max_batch, a.start_batch, a.tolerance)
             results["runs"].append({"resolution": res, "gradient_checkpointing": ckpt, **r})
             print(f"{res} px, gradient checkpointing {'on' if ckpt else 'off'}: largest batch {r['largest_batch']}"
                   f"{' (the --max-batch cap)' if r['capped_at_max_batch'] else ''}"

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,11 +96,29 @@ def _short(spec: str) -> str:
 
 
 def _run(cmd: list[str], log: Path, env: dict) -> dict:
-    """Run ``cmd`` (output to ``log``); returns {"returncode", "wall_s", "error"} and never raises."""
+    """Run ``cmd`` (output to ``log``); returns {"returncode", "wall_s", "error"} and never raises.
+
+    On Ctrl-C or a time limit's SIGINT (``timeout`` signals the whole process group) the trainer
+    is left to stop as it does on a signal (kl-ae writes a checkpoint first, kl_ae.interrupt),
+    not killed after 0.25 s as ``subprocess.run`` does; the result then has ``"interrupted":
+    True``, and main() evaluates what was saved and starts no further trainer."""
     t0 = time.perf_counter()
+    interrupted = False
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    out = {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("  interrupted: waiting for the trainer to save and stop (Ctrl-C again to abort)", flush=True)
+            proc.send_signal(signal.SIGINT)  # a repeat within a second counts as the same request there
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    out = {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1),
+           **({"interrupted": True} if interrupted else {})}
     if proc.returncode != 0:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         out["error"] = lines[-1][:300] if lines else f"exit {proc.returncode}"
@@ -337,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kl-ae-quality-work-"))
     runs_dir = out / "runs" if a.keep_runs else work / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     lpips_trunk = None if a.lpips_trunk == "none" else a.lpips_trunk
     from kl_ae.data.sources import iter_images
 
@@ -374,7 +393,10 @@ def main(argv: list[str] | None = None) -> dict:
                          **({"error": res["error"]} if res.get("error") else {})}
         baselines = _evaluate(results[name]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
         write()
-    if a.plain:
+        if res.get("interrupted"):
+            break
+    stopped = any(r.get("run", {}).get("interrupted") for r in results.values())
+    if a.plain and not stopped:
         from kl_ae.model import build_autoencoder
 
         vae_dir = work / "plain-vae-config"
@@ -393,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
                             **({"error": res["error"]} if res.get("error") else {})}
         baselines = _evaluate(results["plain"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
         write()
-    if a.peer:
+        stopped = bool(res.get("interrupted"))
+    if a.peer and not stopped:
         print(f"peer: training {a.minutes:g} min ...", flush=True)
         results["peer"] = _run_peer(a, cfg, work, env, precision if a.peer_precision == "same" else a.peer_precision)
         baselines = _evaluate(results["peer"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines

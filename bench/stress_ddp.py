@@ -106,7 +106,7 @@ def main() -> None:
     for s in spinners:
         s.start()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     results = {"runs": a.runs, "busy": a.busy, "timeout_s": a.timeout, "hangs": [], "failures": [], "wall_s": []}
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -172,6 +172,12 @@ def split_overrides(sets: str) -> list[str]:
     return [s for s in out + [cur] if s]
 
 
+def _pythonpath(first: Path) -> str:
+    """``first`` ahead of the caller's PYTHONPATH (which may hold packages installed with
+    ``pip install --target``, as on the GPU machine: bench/gpu.sh)."""
+    return os.pathsep.join(p for p in (str(first), os.environ.get("PYTHONPATH")) if p)
+
+
 def _run(name: str, cmd: list[str], work: Path, env: dict, index: int, expected_ae: int | None = None) -> dict:
     """Run one trainer under steptimer. A trainer that exits with an error after its timed steps
     (the peer in bf16 crashes in its final validation: wandb.Image on a bf16 tensor) is kept:
@@ -234,7 +240,7 @@ def main() -> None:
     a.train_config = str(_without_cpu_section(a.config, work))
     build_autoencoder(load_config(a.train_config).model).save_config(vae_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TORCH_HOME": str(work / "torch"), "PYTHONPATH": str(REPO)}
+           "TORCH_HOME": str(work / "torch"), "PYTHONPATH": _pythonpath(REPO)}
     runs = _commands(a, work, data, vae_dir, val_image)
     if "peer" in runs:
         _random_vgg_cache(work / "torch")
@@ -244,7 +250,7 @@ def main() -> None:
     for r in range(a.repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
         for name in order:
-            run_env = {**env, "PYTHONPATH": str(Path(a.baseline_repo).resolve())} if name == "kl-ae@base" else env
+            run_env = {**env, "PYTHONPATH": _pythonpath(Path(a.baseline_repo).resolve())} if name == "kl-ae@base" else env
             rec = _run(name, runs[name], work, run_env, r, expected_ae=a.warmup + a.steps + 1)
             rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
             results[name].append(rec)

@@ -5,8 +5,11 @@ figure is asserted (timing and quality are the benchmarks' job)."""
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -47,8 +50,9 @@ def test_quality_table_lists_every_point_and_both_baselines():
 def test_gpu_script_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "PHOTOS": str(tmp_path / "none")}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    pack = tmp_path / "gpu.tgz"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", "--pack", str(pack), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = (out / "status.txt").read_text()
     for name in ("quality", "throughput", "flops", "max_batch"):
@@ -67,6 +71,11 @@ def test_gpu_script_dry_run_runs_every_step(tmp_path):
     assert [(r["resolution"], r["gradient_checkpointing"]) for r in runs] == [(32, False), (32, True)]
     assert all(r["largest_batch"] == 2 and r["capped_at_max_batch"] for r in runs)
     assert json.loads((out / "machine.json").read_text())["device"] == "cpu"
+    with tarfile.open(pack) as tar:  # what a device that returns few files brings back: everything
+        names = set(tar.getnames())
+    assert {"gpu/status.txt", "gpu/quality/result.json", "gpu/throughput/result.json", "gpu/flops.json",
+            "gpu/max_batch.json"} <= names
+    assert "data: builtin:train -> builtin:val; peer: none" in status
 
 
 def test_peer_minutes_leave_out_its_validation_and_checkpoint_writes():
@@ -75,3 +84,85 @@ def test_peer_minutes_leave_out_its_validation_and_checkpoint_writes():
     times = [0.0, 11.0, 12.0, 18.0, 19.0]
     assert quality._training_times(times, [1, 3]) == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert quality._training_times([0.0], [1]) == [0.0]
+
+
+_TRAINER = """
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+stop = []
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+(out / "ready").touch()
+while not stop:
+    time.sleep(0.05)
+time.sleep(1.0)  # longer than subprocess.run's 0.25 s grace: a checkpoint being written
+(out / "saved").touch()
+sys.exit(130)
+"""
+
+_BENCH = """
+import importlib.util, json, os, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("quality", sys.argv[1])
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+out = Path(sys.argv[2])
+res = quality._run([sys.executable, str(out / "trainer.py"), str(out)], out / "trainer.log", dict(os.environ))
+(out / "result.json").write_text(json.dumps(res))
+"""
+
+
+def test_a_time_limit_lets_the_trainer_save_before_it_stops(tmp_path):
+    """``timeout --signal=INT`` (bench/gpu.sh) and Ctrl-C signal the whole process group: the
+    bench waits for the trainer to finish its checkpoint instead of killing it, and says so."""
+    (tmp_path / "trainer.py").write_text(_TRAINER)
+    proc = subprocess.Popen([sys.executable, "-c", _BENCH, str(REPO / "bench" / "quality.py"), str(tmp_path)],
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "ready").exists()
+    time.sleep(0.3)  # the bench is inside its wait for the trainer
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "saved").exists()
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["interrupted"] is True and res["returncode"] == 130
+
+
+class _FakeSetting:
+    """bench/max_batch.py's _Setting without models: batches up to ``fits_up_to`` fit, ``broken``
+    raise a non-memory error (recorded as not fitting, as a 32-bit indexing failure would be)."""
+
+    fits_up_to, broken = 37, ()
+
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def try_batch(self, batch):
+        if batch in self.broken:
+            return {"batch": batch, "fits": False, "error": "invalid configuration argument"}
+        return {"batch": batch, "fits": batch <= self.fits_up_to}
+
+
+def test_largest_batch_doubles_from_the_start_then_bisects_to_the_tolerance(monkeypatch):
+    max_batch = _load("max_batch")
+    monkeypatch.setattr(max_batch, "_Setting", _FakeSetting)
+    exact = max_batch.largest_batch("c.yaml", 256, False, max_batch=128, start_batch=16)
+    assert exact["largest_batch"] == 37 and not exact["capped_at_max_batch"]
+    assert [t["batch"] for t in exact["tries"]][:3] == [16, 32, 64]
+    coarse = max_batch.largest_batch("c.yaml", 256, False, max_batch=128, start_batch=16, tolerance=0.25)
+    assert coarse["largest_batch"] == 32 and coarse["next_failed"] == 40  # gap 8 <= 0.25 * 32
+    assert len(coarse["tries"]) < len(exact["tries"])
+    capped = max_batch.largest_batch("c.yaml", 256, False, max_batch=24, start_batch=16)
+    assert capped["largest_batch"] == 24 and capped["capped_at_max_batch"]  # 16, then the cap itself
+    monkeypatch.setattr(_FakeSetting, "broken", (64,))
+    monkeypatch.setattr(_FakeSetting, "fits_up_to", 1000)
+    errored = max_batch.largest_batch("c.yaml", 256, False, max_batch=128, start_batch=16)
+    assert errored["largest_batch"] == 63 and "invalid configuration" in errored["tries"][2]["error"]
