@@ -119,7 +119,7 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
     runs: dict[str, list[str]] = {}
 
     def kl_ae(name: str, extra: list[str]) -> None:
-        sets = [*ours, f"train.output_dir={work / 'runs' / name}", *extra]
+        sets = [*ours, *extra]  # train.output_dir: one per repeat, added in main()
         runs[name] = [sys.executable, "-m", "kl_ae.cli", "train", a.train_config,
                       *sum((["--set", s] for s in sets), [])]
 
@@ -251,7 +251,10 @@ def main() -> None:
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
         for name in order:
             run_env = {**env, "PYTHONPATH": _pythonpath(Path(a.baseline_repo).resolve())} if name == "kl-ae@base" else env
-            rec = _run(name, runs[name], work, run_env, r, expected_ae=a.warmup + a.steps + 1)
+            cmd = runs[name]
+            if name.startswith("kl-ae"):  # a fresh run folder per repeat: kl-ae refuses to train over a run
+                cmd = [*cmd, "--set", f"train.output_dir={work / 'runs' / f'{name}-{r}'}"]
+            rec = _run(name, cmd, work, run_env, r, expected_ae=a.warmup + a.steps + 1)
             rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
             results[name].append(rec)
             print(f"repeat {r + 1}/{a.repeats} {name:>18}: {rec['images_per_s']:.3f} img/s "

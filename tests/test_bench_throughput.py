@@ -71,3 +71,19 @@ def test_a_trainer_that_fails_after_its_steps_keeps_its_timings(tmp_path):
     never.write_text("raise SystemExit('no step at all')\n")
     with pytest.raises(RuntimeError, match="before recording any step"):
         throughput._run("peer", [sys.executable, str(never)], tmp_path, None, 1)
+
+
+@pytest.mark.slow
+def test_repeats_each_train_in_a_fresh_run_folder(tmp_path):
+    """kl-ae refuses to train over an existing run, so a second repeat needs its own folder."""
+    config = tmp_path / "toy.yaml"
+    config.write_text("model: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 8, "
+                      "mid_block_add_attention: false}\ndata: {num_workers: 0}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--config", str(config),
+                           "--resolution", "32", "--batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "2",
+                           "--lpips", "off", "--gan", "off", "--no-plain", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    assert len(summary["kl-ae"]["runs"]) == 2
