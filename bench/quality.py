@@ -303,6 +303,8 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
     n_calib = 12
     res = _run(_peer_command(a, cfg, vae_dir, data, calib, n_calib, n_calib, precision), calib / "log.txt", env)
     times = _step_times(calib / "steps.json") if (calib / "steps.json").is_file() else []
+    if res.get("interrupted"):
+        return {"points": [], "run": res, "error": "interrupted during its calibration run"}
     if len(times) < 3:
         return {"points": [], "error": f"calibration run failed after {len(times)} steps: {res.get('error')}"}
     rate = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 and times[-1] > times[1] else 1.0
