@@ -341,6 +341,9 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
 def main(argv: list[str] | None = None) -> dict:
     a = _parse(argv)
     sys.path.insert(0, str(REPO))
+    # Python keeps SIGINT ignored when it starts so (a background job of a non-interactive shell,
+    # as bench/gpu.sh's steps can be); the bench's time limits and Ctrl-C rely on it (_run)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from kl_ae.config import load_config
     from kl_ae.distributed import process_state

@@ -101,8 +101,9 @@ sys.exit(130)
 """
 
 _BENCH = """
-import importlib.util, json, os, sys
+import importlib.util, json, os, signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as main() does: a background pytest ignores SIGINT
 spec = importlib.util.spec_from_file_location("quality", sys.argv[1])
 quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quality)
