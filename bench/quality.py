@@ -44,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from throughput import _random_vgg_cache, split_overrides  # noqa: E402  (bench/ is not a package)
+from throughput import _pythonpath, _random_vgg_cache, split_overrides  # noqa: E402  (bench/ is not a package)
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kl-ae-quality-work-"))
     runs_dir = out / "runs" if a.keep_runs else work / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": _pythonpath(REPO)}
     lpips_trunk = None if a.lpips_trunk == "none" else a.lpips_trunk
     from kl_ae.data.sources import iter_images
 
