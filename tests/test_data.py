@@ -323,9 +323,10 @@ def test_shards_that_never_decode_end_in_a_data_error(tmp_path, workers):
 def test_folder_dataloader_batches(folder):
     cfg = DataConfig(train=str(folder), resolution=32, num_workers=0)
     loader = D.TrainLoader(cfg, batch_size=4, seed=0)
-    batches = list(loader)
     n = len(GOOD) + len(BAD)
-    assert len(batches) == n // 4
+    assert loader.batches_per_epoch == n // 4
+    batches = list(itertools.islice(loader, n // 4))
+    assert loader.state_dict() == {"epoch": 1, "batches_in_epoch": 0}
     for b in batches:
         assert b["pixel_values"].shape[1:] == (3, 32, 32) and b["pixel_values"].dtype == torch.float32
         assert b["pixel_values"].shape[0] + b["num_skipped"] == 4
@@ -333,11 +334,70 @@ def test_folder_dataloader_batches(folder):
     assert sum(b["num_skipped"] for b in batches) <= len(BAD)
 
 
+def _per_epoch_reference(cfg: DataConfig, batch: int, epochs: int) -> list[torch.Tensor]:
+    """The batches of a pass per epoch over an EpochSampler (kl-ae's folder loading before one
+    pass spanned the epochs), in this process."""
+    from torch.utils.data import DataLoader
+
+    dataset = D.build_train_dataset(cfg, seed=0)
+    sampler = D.EpochSampler(len(dataset), max(len(dataset), batch), seed=0)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=batch, drop_last=True, collate_fn=D.collate)
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        out += [b["pixel_values"] for b in loader]
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_pass_over_the_epochs_gives_the_per_epoch_batches_and_resumes_across_them(tmp_path, monkeypatch, workers):
+    """A folder's loader runs epoch after epoch in one DataLoader iteration (the workers fetch
+    ahead across an epoch's end instead of idling until the step takes its last batch), with the
+    same batches as a pass per epoch, and a resume at any batch, an epoch's end included,
+    continues them."""
+    from torch.utils.data import DataLoader
+
+    for i in range(7):
+        _photo(48, 40, i).save(tmp_path / f"{i}.png")
+    cfg = DataConfig(train=str(tmp_path), resolution=32, num_workers=workers)
+    reference = _per_epoch_reference(cfg, 3, epochs=4)  # 2 batches an epoch, 1 photo left out of each
+    passes = []
+    original_iter = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: passes.append(1) or original_iter(self))
+    loader = D.TrainLoader(cfg, batch_size=3, seed=0)
+    assert loader.batches_per_epoch == 2
+    straight = [b["pixel_values"] for b in itertools.islice(loader, 8)]
+    assert len(passes) == 1  # four epochs, one DataLoader pass
+    assert loader.state_dict() == {"epoch": 4, "batches_in_epoch": 0}
+    loader.close()
+    assert all(torch.equal(a, b) for a, b in zip(reference, straight, strict=True))
+    for state, at in (({"epoch": 1, "batches_in_epoch": 1}, 3), ({"epoch": 2, "batches_in_epoch": 0}, 4),
+                      ({"epoch": 1, "batches_in_epoch": 2}, 4)):  # the last: an epoch's end as older kl-ae saved it
+        resumed = D.TrainLoader(cfg, batch_size=3, seed=0)
+        resumed.load_state_dict(state)
+        rest = [b["pixel_values"] for b in itertools.islice(resumed, 8 - at)]
+        assert all(torch.equal(a, b) for a, b in zip(straight[at:], rest, strict=True)), state
+        assert resumed.state_dict() == {"epoch": 4, "batches_in_epoch": 0}
+        resumed.close()
+
+
+def test_a_folder_without_a_usable_image_ends_in_a_data_error(tmp_path):
+    """The folder loader never ends a pass, so TrainBatches checks each epoch for a usable image."""
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not a jpeg")
+    batches = D.TrainBatches(DataConfig(train=str(tmp_path), resolution=32, num_workers=0), 2, seed=0)
+    with pytest.raises(images.DataError, match="no usable training image in a whole epoch: skipped 2 images"):
+        next(batches.batches(lambda: False))
+    batches.close()
+
+
 def test_small_folder_fills_a_batch_and_counts_upscaling(tmp_path):
     for i in range(3):
         _photo(40, 60, i).save(tmp_path / f"{i}.png")
     cfg = DataConfig(train=str(tmp_path), resolution=64, num_workers=0)
-    (batch,) = list(D.TrainLoader(cfg, batch_size=8))
+    loader = D.TrainLoader(cfg, batch_size=8)
+    assert loader.batches_per_epoch == 1
+    batch = next(iter(loader))
     assert batch["pixel_values"].shape == (8, 3, 64, 64) and batch["num_upscaled"] == 8
 
 

@@ -126,9 +126,9 @@ class EpochSampler(Sampler[int]):
     (a folder smaller than the batch), and each sample's index is unique over the whole run: the
     r-th repetition of file i in epoch e is ``(e * R + r) * n + i`` with R = ceil(num_samples / n)
     repetitions per epoch. The dataset reads file ``index % n`` and seeds the sample's crop and
-    flip by the index, so every repetition and every epoch crops anew. Call
-    :meth:`set_epoch` before each pass (Accelerate's prepared loader forwards it);
-    :meth:`resume_at` skips the samples of an epoch already consumed before a checkpoint.
+    flip by the index, so every repetition and every epoch crops anew. Iterating it is one epoch:
+    call :meth:`set_epoch` before each (:class:`EndlessEpochs` chains them for the training
+    loader); :meth:`resume_at` skips the samples of an epoch already consumed before a checkpoint.
     """
 
     def __init__(self, n: int, num_samples: int, seed: int = 0):
@@ -153,6 +153,43 @@ class EpochSampler(Sampler[int]):
                            for r in range(repetitions)])[:self.num_samples]
         skip, self._skip = self._skip, 0
         return iter([offset + int(i) for i in order[skip:]])
+
+
+class EndlessEpochs(Sampler[int]):
+    """The epochs of an :class:`EpochSampler` one after another without end, each cut to its first
+    ``per_epoch`` samples (a multiple of the batch size times the processes, so no batch spans two
+    epochs; what ``drop_last`` left out of an epoch before).
+
+    Written here because a DataLoader pass ends with its sampler: a pass per epoch leaves the
+    workers idle at each epoch's end until the step has taken the last batch, and then the step
+    waits for a whole batch to be decoded. On a folder of a few batches an epoch that is a large
+    share of a fast step's time (bench/epoch_stall.py). One pass over this sampler lets the
+    workers run ahead across epochs.
+
+    :meth:`resume_at` (epoch, samples of it to skip) sets where the next pass starts.
+    """
+
+    def __init__(self, epochs: EpochSampler, per_epoch: int):
+        self.epochs, self.per_epoch = epochs, per_epoch
+        self.epoch, self._skip = 0, 0
+
+    def resume_at(self, epoch: int, skip_samples: int) -> None:
+        self.epoch, self._skip = epoch, skip_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Accelerate's prepared loader calls this at every pass; :meth:`resume_at` says where it starts."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """One epoch's samples (the iteration goes on past it)."""
+        return self.per_epoch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, skip = self.epoch, self._skip
+        while True:
+            self.epochs.set_epoch(epoch)
+            yield from list(self.epochs)[skip:self.per_epoch]
+            epoch, skip = epoch + 1, 0
 
 
 def _draft_size(short_side_range: Sequence[int] | None) -> int | None:
@@ -241,15 +278,18 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0, position: StreamPosition
 class TrainLoader:
     """The training batches of one data source and resolution, and their position.
 
-    Iterating it is one pass: a folder's epoch (shuffled by ``seed`` and the epoch, the same on
-    every rank, ``drop_last``, at least ``batch_size`` samples: a smaller set is drawn repeatedly,
-    fresh crops each time), or endless for shards (each worker re-reads its shards, reshuffled, so
-    ranks with unequal shards never run dry at different times). Items are :func:`collate`
-    batches (``pixel_values``: (B, 3, R, R) in [-1, 1], B <= batch_size).
-    :meth:`state_dict` is the position, ``{"epoch", "batches_in_epoch"}`` (batches drawn by this
-    process, empty ones included); :meth:`load_state_dict` before the first pass continues there
-    (folders skip the consumed samples in the sampler; shards read them again, without decoding them). Raises
-    DataError at construction for an unusable source.
+    Iterating it never ends. A folder gives epoch after epoch in one DataLoader pass
+    (:class:`EndlessEpochs`; each epoch shuffled by ``seed`` and the epoch, the same on every rank,
+    :attr:`batches_per_epoch` batches per process, at least one: a set smaller than a batch on every
+    process is drawn repeatedly, fresh crops each time). Shards: each worker re-reads its shards,
+    reshuffled, so ranks with unequal shards never run dry at different times; their ``epoch``
+    stays 0. Items are :func:`collate` batches (``pixel_values``: (B, 3, R, R) in [-1, 1], B <=
+    batch_size). :meth:`state_dict` is the position, ``{"epoch", "batches_in_epoch"}`` (batches
+    drawn by this process, empty ones included; an epoch's last batch moves it to the next epoch);
+    :meth:`load_state_dict` before a pass continues there (folders skip the consumed samples in the
+    sampler; shards read them again, without decoding them). A new pass after one left off
+    continues at the position too (batches the workers had fetched ahead are fetched again).
+    Raises DataError at construction for an unusable source.
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int = 0, source: ImageSource | None = None):
@@ -266,20 +306,31 @@ class TrainLoader:
         # The loader's own generator draws the workers' base seed, so it does not depend on (or
         # consume) the global RNG that the training step's posterior sampling uses.
         generator = torch.Generator().manual_seed(seed)
-        self._sampler = None
+        self._sampler, self.batches_per_epoch = None, 0
         if isinstance(dataset, IterableDataset):
             self._loader = DataLoader(ShardPasses(dataset, self._position), generator=generator, **kwargs)
         else:
-            self._sampler = EpochSampler(len(dataset), max(len(dataset), batch_size), seed)
+            self._sampler = EndlessEpochs(EpochSampler(len(dataset), 0, seed), 0)
+            self._epoch_layout()
             self._loader = DataLoader(dataset, sampler=self._sampler, drop_last=True, generator=generator, **kwargs)
+
+    def _epoch_layout(self) -> None:
+        """A folder's epoch for ``self._processes`` processes: every file once (repeated up to a
+        batch on every process), cut to whole rounds of one batch per process."""
+        per_round = self.batch_size * self._processes
+        epochs = self._sampler.epochs
+        epochs.num_samples = max(epochs.n, per_round)
+        self.batches_per_epoch = epochs.num_samples // per_round
+        self._sampler.per_epoch = self.batches_per_epoch * per_round
 
     def prepare(self, accelerator) -> "TrainLoader":
         """Under Accelerate: a folder's loader goes through ``accelerator.prepare``, which splits
         its batches across processes; a shard loader does not (webdataset splits the shards by
         rank itself; splitting twice silently dropped a rank's shards). Returns self."""
-        if not self.source.shards:
-            self._loader = accelerator.prepare(self._loader)
         self._processes = accelerator.num_processes
+        if not self.source.shards:
+            self._epoch_layout()
+            self._loader = accelerator.prepare(self._loader)
         return self
 
     def close(self) -> None:
@@ -301,18 +352,20 @@ class TrainLoader:
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
         if self._position is not None:
             self._position.batches = self.batches_in_epoch
-        else:
-            self._sampler.resume_at(self.epoch, self.batches_in_epoch * self._processes * self.batch_size)
+        else:  # a checkpoint taken at an epoch's end by an earlier kl-ae: (epoch, all its batches)
+            self.epoch += self.batches_in_epoch // self.batches_per_epoch
+            self.batches_in_epoch %= self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
         if self._sampler is not None:
-            self._sampler.set_epoch(self.epoch)
+            self._sampler.resume_at(self.epoch, self.batches_in_epoch * self._processes * self.batch_size)
         if hasattr(self._loader, "set_epoch"):  # Accelerate's prepared loader keeps its own count
             self._loader.set_epoch(self.epoch)
         for batch in self._loader:
             self.batches_in_epoch += 1
+            if self.batches_in_epoch == self.batches_per_epoch:  # never for shards (0)
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             yield batch
-        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
 
 
 class TrainBatches:
@@ -374,10 +427,11 @@ class TrainBatches:
         self.loader.load_state_dict(state)
 
     def _pixels(self) -> Iterator[torch.Tensor]:
-        """(B, 3, R, R) batches of the current loader, pass after pass; empty batches (every
-        image unusable) are skipped. Raises DataError after a whole pass without a usable image."""
-        while True:
-            usable = self.loader.batches_in_epoch  # resumed mid-pass: the batches before it
+        """(B, 3, R, R) batches of the current loader; empty batches (every image unusable) are
+        skipped. Raises DataError after a whole epoch (a folder's) or a whole pass (shards: the
+        pass ends when every worker has stopped, :class:`ShardPasses`) without a usable image."""
+        while True:  # a folder's loader never ends; a shard loader's does when its workers stop
+            epoch, usable = self.loader.epoch, self.loader.batches_in_epoch  # resumed mid-epoch: those before
             for batch in self.loader:
                 self.upscaled += int(batch["num_upscaled"])
                 self.crops += int(batch["pixel_values"].shape[0])
@@ -386,6 +440,10 @@ class TrainBatches:
                 if batch["pixel_values"].shape[0]:
                     usable += 1
                     yield batch["pixel_values"]
+                if self.loader.epoch != epoch:  # that batch was its epoch's last
+                    if usable == 0:
+                        break
+                    epoch, usable = self.loader.epoch, 0
             if usable == 0:
                 raise DataError(f"no usable training image in a whole epoch: {self.skipped.summary()}")
 
