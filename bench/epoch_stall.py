@@ -10,7 +10,7 @@ the last batch, so each epoch starts with the step waiting for a whole batch to 
 cropped, and at most one batch per worker is in flight however many workers there are.
 kl-ae's TrainLoader (since 2026-12-03) iterates one DataLoader pass over all epochs, so the
 workers run ahead across the boundary. Both modes here load the same samples (the same
-:class:`kl_ae.data.loaders.EpochSampler` order, crops and decode cache); the step is
+:class:`kl_ae.data.samplers.EpochSampler` order, crops and decode cache); the step is
 ``time.sleep(--step-s)``, which stands for a GPU step that leaves the CPU to the workers (on a
 CPU, the step competes with the workers for the cores instead: measure there with
 bench/quality.py). The first ``--warmup`` batches (worker start-up, filling the decode caches)
