@@ -133,6 +133,12 @@ def test_gradient_accumulation_steps_count_optimizer_steps(photos, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "step 2 " in log and "step 3 " not in log
     assert not (run_dir / "eval.json").exists()
+    # 6 photos at batch 2 are 3 batches an epoch: the second step takes epoch 0's last batch and
+    # epoch 1's first. (A DataLoader pass per epoch made Accelerate sync at the epoch's end, and
+    # the second step took one batch.)
+    state = json.loads((run_dir / "checkpoints/step-0000002/loop_state.json").read_text())
+    assert state["images_seen"] == 2 * 2 * 2
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 1)
 
 
 def test_missing_data_or_lpips_weights_stop_at_start_up(tmp_path, monkeypatch, capsys):
