@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from kl_ae.checkpoint import read_loop_state
 from kl_ae.cli import main
 from kl_ae.config import load_config
 from kl_ae.eval.fp16 import FP16_AUDIT
@@ -136,7 +137,7 @@ def test_gradient_accumulation_steps_count_optimizer_steps(photos, tmp_path):
     # 6 photos at batch 2 are 3 batches an epoch: the second step takes epoch 0's last batch and
     # epoch 1's first. (A DataLoader pass per epoch made Accelerate sync at the epoch's end, and
     # the second step took one batch.)
-    state = json.loads((run_dir / "checkpoints/step-0000002/loop_state.json").read_text())
+    state = read_loop_state(run_dir / "checkpoints/step-0000002")
     assert state["images_seen"] == 2 * 2 * 2
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 1)
 
