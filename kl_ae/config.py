@@ -227,7 +227,8 @@ class DataConfig:
     train.max_minutes budget when set, else on train.max_steps (whichever is nearer its end)."""
     final_batch_size: int = 0
     """Batch size of the final phase; 0: the same pixels per batch,
-    max(1, round(train.batch_size * (resolution / final_resolution) ** 2))."""
+    max(1, round(train.batch_size * (resolution / final_resolution) ** 2)). A batch of 1 cost up to
+    5.4 dB on 7 photographs, 4 per batch 0.1-0.3 (BENCHMARKS.md, "A 128-px final phase")."""
     final_short_side_range: list[int] = field(default_factory=list)
     """short_side_range of the final phase ([lo, hi] with final_resolution <= lo); empty: the
     same as data.short_side_range, which must then allow final_resolution."""

@@ -110,6 +110,8 @@ def test_on_cpu_without_bf16_section_replaces_the_files_values_only_there(monkey
     assert cfg.model.block_out_channels == ([16, 32, 64, 64] if without_bf16 else [32, 64, 128, 128])
     assert cfg.data.dead_leaves_fraction == (0.5 if without_bf16 else 0.0)
     assert cfg.model.norm_num_groups == (4 if without_bf16 else 8)  # block_means: 4 channels per group at 16
+    # the 128-px final phase, measured with bf16 only
+    assert (cfg.data.final_resolution, cfg.data.final_fraction) == ((0, 0.0) if without_bf16 else (128, 0.3))
     assert cfg.model.init_scheme == "block_means"  # set at the top of the file: every machine
     assert cfg.train.max_minutes == 5.5  # the rest of the file applies on both
     chosen = load_config("quickstart", ["model.block_out_channels=[64,128,256,256]"])
