@@ -22,4 +22,6 @@ run() {
 }
 run p50 step-0002002 --set data.final_fraction=0.5
 run p67 step-0001345 --set data.final_fraction=0.67
+# p20 ran later, after the wider-model runs, with the same function:
+# run p20 step-0002611 --set data.final_fraction=0.2
 echo ALLDONE >> OUT/log
