@@ -142,7 +142,7 @@ class LossConfig:
     latent_noise: float = 0.0
     """Noise-robust decoding (sigma-VAE / l-DeTok): the decoder reconstructs from z + s * std(z) *
     eps, eps ~ N(0, I), s drawn per image uniformly from [0, latent_noise] (std(z): the batch's
-    latent std, detached); logged as latent/noise_sigma. 0: off (LDM: the decoder sees z)."""
+    latent std, detached); logged as latent/noise_strength. 0: off (LDM: the decoder sees z)."""
     vf_weight: float = 0.0
     """VA-VAE's VF loss (Yao et al. 2025, arXiv 2501.01423): weight of the alignment of the latent
     to a frozen vision model's patch features (loss.vf_teacher); 0: off. See kl_ae/alignment.py."""
@@ -318,7 +318,8 @@ class TrainConfig:
     scaling_images: int = 64
     """Training images encoded to compute scaling_factor / shift_factor at export."""
     max_nonfinite_steps: int = 10
-    """Consecutive steps with a NaN/Inf loss or gradient (each skips its update) before the run stops."""
+    """Consecutive steps with a NaN/Inf loss or gradient (each skips its update) before the run stops
+    (fp16 loss-scale overflows are counted apart)."""
     tracker: str = "tensorboard"
     """Accelerate tracker name ('tensorboard', 'wandb', 'mlflow', ...), several comma-separated
     ('tensorboard,wandb'), or 'none'. Scalars go to every one; sample grids to TensorBoard and WandB."""

@@ -39,6 +39,7 @@ class RunCounters:
     nonfinite_ae: int = 0  # skipped autoencoder updates (non-finite gradient norm)
     nonfinite_disc: int = 0  # skipped discriminator updates
     consecutive: int = 0  # bad steps in a row (the run stops at train.max_nonfinite_steps)
+    fp16_overflows: int = 0  # updates the fp16 GradScaler skipped while lowering its scale (not counted as bad)
     warned_upscaled: bool = False  # the early warning about upscaled crops was given
 
 
@@ -58,11 +59,23 @@ def check_finite(scalars_ae: dict, scalars_d: dict, counters: RunCounters, step:
                   run_dir: Path) -> bool:
     """Count updates skipped for a non-finite gradient norm; stop after ``limit`` in a row.
 
+    An update that the fp16 GradScaler skipped while lowering its scale (the step's
+    ``optim/*_fp16_overflow`` flag, see ``kl_ae.step._update``; this function removes the flags
+    from the dicts) is counted apart and is no bad step: the scaler's start-up back-off skips
+    several in a row by design.
+
     Returns whether the autoencoder was updated. Raises TrainingDiverged (before any checkpoint
     of the bad state is written) after ``limit`` consecutive bad steps.
     """
-    ae_ok = bool(torch.isfinite(scalars_ae["optim/ae_grad_norm"]))
-    d_ok = "optim/disc_grad_norm" not in scalars_d or bool(torch.isfinite(scalars_d["optim/disc_grad_norm"]))
+    ae_updated = bool(torch.isfinite(scalars_ae["optim/ae_grad_norm"]))
+    ae_overflow = bool(scalars_ae.pop("optim/ae_fp16_overflow", False))
+    d_overflow = bool(scalars_d.pop("optim/disc_fp16_overflow", False))
+    ae_ok = ae_updated or ae_overflow
+    d_ok = ("optim/disc_grad_norm" not in scalars_d or d_overflow
+            or bool(torch.isfinite(scalars_d["optim/disc_grad_norm"])))
+    counters.fp16_overflows += ae_overflow or d_overflow
+    if ae_overflow or d_overflow:
+        logger.info("step %d: fp16 gradient overflow; the GradScaler skipped the update and lowered its scale", step)
     counters.nonfinite_ae += not ae_ok
     counters.nonfinite_disc += not d_ok
     counters.consecutive = 0 if ae_ok and d_ok else counters.consecutive + 1
@@ -77,7 +90,7 @@ def check_finite(scalars_ae: dict, scalars_d: dict, counters: RunCounters, step:
             "resume from it with a lower optim.base_learning_rate, optim.max_grad_norm > 0, or "
             "train.mixed_precision=no"
         )
-    return ae_ok
+    return ae_updated
 
 
 def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCounters, batches: TrainBatches,
@@ -96,13 +109,15 @@ def log_metrics(accelerator, scalars: dict, state: LoopState, counters: RunCount
         "perf/rss_mb": rss_mb(),
         "optim/nonfinite_ae_steps": counters.nonfinite_ae,
         "optim/nonfinite_disc_steps": counters.nonfinite_disc,
+        "optim/fp16_overflow_steps": counters.fp16_overflows,
     })
     if (not counters.warned_upscaled and batches.crops >= UPSCALED_WARN_AFTER
             and batches.upscaled > UPSCALED_WARN_FRACTION * batches.crops):
         counters.warned_upscaled = True
         if accelerator.is_main_process:  # this process's share of the data: an estimate
             logger.warning(_upscaled_warning(batches.upscaled, batches.crops, batches.resolution))
-    if any(not math.isfinite(v) for v in metrics.values()):
+    # a non-finite gradient norm is check_finite's to report (it may be an fp16 scaler back-off)
+    if any(not math.isfinite(v) for k, v in metrics.items() if not k.endswith("_grad_norm")):
         logger.warning("non-finite value at step %d: %s", state.step, metrics)
     accelerator.log(metrics, step=state.step)
     logger.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), extra=FILE_ONLY)

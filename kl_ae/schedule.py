@@ -88,6 +88,18 @@ def set_progress(scheduler, *, time_fraction: float | None = None, global_step: 
             factor.global_step = global_step
 
 
+def start_step(scheduler, global_step: int) -> None:
+    """Before the run's optimizer step ``global_step`` (0-based): set it as the schedule's step and
+    write ``base_lr * factor(global_step)`` into the optimizer now. The LR a step uses then never
+    depends on how often this scheduler has stepped: the discriminator's first update at
+    disc_start gets the run's LR, not the factor of step 0 (0 during warm-up), and an update
+    skipped as non-finite or by the fp16 scaler leaves no stale LR behind."""
+    set_progress(scheduler, global_step=global_step)
+    inner = getattr(scheduler, "scheduler", scheduler)
+    for group, base_lr, factor in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+        group["lr"] = base_lr * factor(global_step)
+
+
 def configure(scheduler, schedule: str, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> None:
     """Re-apply the config's schedule after ``load_state`` restored a checkpoint's (LambdaLR's
     state_dict carries the factor's settings as well as its progress)."""

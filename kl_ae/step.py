@@ -40,24 +40,39 @@ class StepModels:
 
 
 def _update(accelerator: Accelerator, loss: torch.Tensor, module: nn.Module, optimizer, scheduler,
-            max_grad_norm: float) -> torch.Tensor | None:
+            max_grad_norm: float) -> tuple[torch.Tensor, bool] | None:
     """Backward; on the last micro-batch: gradient norm (clipped if max_grad_norm > 0), then the
     optimizer and scheduler step only if that norm is finite, then zero_grad.
 
-    Returns the gradient norm (a tensor; None between accumulation micro-batches). A NaN/Inf
+    Returns (gradient norm, fp16 overflow), or None between accumulation micro-batches. A NaN/Inf
     loss or gradient on any rank makes the all-reduced norm non-finite on every rank, so all
     ranks skip the same update. Reading it costs one host synchronisation per step.
+
+    Under fp16 (Accelerate's GradScaler) a non-finite norm is usually the scaler's overflow, not
+    divergence: the optimizer step always runs, since only ``GradScaler.step`` + ``update`` skip
+    the update, lower the scale and reset the unscaled state that ``clip_grad_norm_`` left on
+    every optimizer (without them the next unscale raises). The second value is True for such a
+    skip with a finite loss at a scale above 1 (torch.amp.GradScaler's documented back-off);
+    an overflow at scale <= 1 or a non-finite loss counts as non-finite like any other.
     """
     accelerator.backward(loss)
     if not accelerator.sync_gradients:
         return None
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     norm = full_tensor(accelerator.clip_grad_norm_(module.parameters(), limit))  # FSDP2: a DTensor
-    if torch.isfinite(norm):
+    overflow = False
+    if accelerator.scaler is not None:
+        scale = accelerator.scaler.get_scale()  # before update() lowers it
+        optimizer.step()  # GradScaler.step skips it on a non-finite gradient, update() lowers the scale
+        if optimizer.step_was_skipped:
+            overflow = scale > 1.0 and bool(torch.isfinite(loss.detach()))
+        else:
+            scheduler.step()
+    elif torch.isfinite(norm):
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.detach()
+    return norm.detach(), overflow
 
 
 def _chain_to(last_layer: torch.Tensor, reconstruction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -163,10 +178,11 @@ def autoencoder_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor, s
     if disc_factor > 0:
         surrogate = losses.surrogate(terms, reconstruction, ae.logvar, grads)  # total's gradient, LPIPS and D once
     loss = losses.total(terms)  # what is logged, and backpropagated when there is no surrogate
-    norm = _update(accelerator, loss if surrogate is None else surrogate, m.autoencoder, m.opt_ae, m.sched_ae,
-                   max_grad_norm)
-    if norm is not None:
-        out["optim/ae_grad_norm"] = norm
+    updated = _update(accelerator, loss if surrogate is None else surrogate, m.autoencoder, m.opt_ae, m.sched_ae,
+                      max_grad_norm)
+    if updated is not None:
+        out["optim/ae_grad_norm"] = updated[0]
+        out["optim/ae_fp16_overflow"] = torch.tensor(float(updated[1]))  # consumed by monitor.check_finite
     with torch.no_grad():
         out.update({f"loss/{name}": term.value.detach() for name, term in terms.items()})
         out["loss/total"] = loss.detach()
@@ -209,9 +225,10 @@ def discriminator_step(accelerator: Accelerator, m: StepModels, x: torch.Tensor,
         regularizers.update_anchor(wrapper.lecam_real, logits_real, cfg.disc_lecam_decay)
         regularizers.update_anchor(wrapper.lecam_fake, logits_fake, cfg.disc_lecam_decay)
     d_loss = disc_factor * d_loss
-    norm = _update(accelerator, d_loss, m.discriminator, m.opt_disc, m.sched_disc, max_grad_norm)
+    updated = _update(accelerator, d_loss, m.discriminator, m.opt_disc, m.sched_disc, max_grad_norm)
     out.update({"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().mean(),
                 "disc/logits_fake": logits_fake.detach().mean()})
-    if norm is not None:
-        out["optim/disc_grad_norm"] = norm
+    if updated is not None:
+        out["optim/disc_grad_norm"] = updated[0]
+        out["optim/disc_fp16_overflow"] = torch.tensor(float(updated[1]))  # consumed by monitor.check_finite
     return out

@@ -44,7 +44,7 @@ from kl_ae.parsing import ConfigError
 from kl_ae.alignment import build_teacher
 from kl_ae.perceptual import build_lpips
 from kl_ae.precision import cpu_model, resolve_mixed_precision
-from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress
+from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress, start_step
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
 from kl_ae.tracking import flat_config, init_kwargs, tracker_names
 
@@ -343,8 +343,8 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
     with signals:
         for x in stream if state.step < t.max_steps and seconds < (budget_s or math.inf) else ():
             step = state.step  # the step being taken (0-based); state.step counts the finished ones
-            for sched in (models.sched_ae, models.sched_disc):  # the LR after this step follows the run's step
-                set_progress(sched, global_step=step + 1)
+            for sched in (models.sched_ae, models.sched_disc):  # this step's LR, whatever each scheduler skipped
+                start_step(sched, step)
             x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
             if cfg.data.channel_shuffle:
                 x = shuffle_channels(x).contiguous(memory_format=memory_format)

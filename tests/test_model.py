@@ -57,7 +57,9 @@ def test_discriminator_step_leaves_no_gradient_on_autoencoder():
     rec = m.autoencoder(x).reconstruction  # NOT detached: the step itself must detach it
     before = _params_snapshot(m.discriminator)
     out = discriminator_step(acc, m, x, rec, step=0, cfg=cfg)
-    assert {"disc/loss", "disc/logits_real", "disc/logits_fake", "optim/disc_grad_norm"} == set(out)
+    assert {"disc/loss", "disc/logits_real", "disc/logits_fake", "optim/disc_grad_norm",
+            "optim/disc_fp16_overflow"} == set(out)
+    assert out["optim/disc_fp16_overflow"].item() == 0.0  # no GradScaler, so never a scaler overflow
     assert all(p.grad is None for p in m.autoencoder.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, m.discriminator.parameters()))
 

@@ -1,6 +1,8 @@
 """train.mixed_precision: 'auto' picks bf16 only where the device computes it natively."""
 
 import logging
+import math
+import re
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import helpers
 from kl_ae.config import load_config
 from kl_ae.parsing import ConfigError
 from kl_ae.precision import cpu_model, native_bf16, resolve_mixed_precision
+import kl_ae.trainer as trainer_module
 from kl_ae.trainer import train
 
 CPU = torch.device("cpu")
@@ -106,3 +109,46 @@ def test_cpu_model_names_the_first_processor_with_family_and_model(monkeypatch):
     assert cpu_model(cpuinfo) == "AMD EPYC (family 26, model 2, AVX512)"
     monkeypatch.setattr("platform.processor", lambda: "arm")
     assert cpu_model("") == "arm (AVX512)"  # no /proc/cpuinfo fields: the platform's name
+
+
+def _fp16_with_a_cpu_grad_scaler(monkeypatch, init_scale: float) -> list:
+    """Accelerate gives fp16 a GradScaler on a GPU only: give the trainer's Accelerator the same
+    one on this CPU (torch.amp.GradScaler('cpu')), with fp16 autocast. Returns the list that
+    receives the scaler once it is built."""
+    real_init = trainer_module.Accelerator.__init__
+    scalers = []
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        assert self.mixed_precision == "fp16" and self.scaler is None  # what Accelerate does on a CPU
+        self.native_amp = True
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        scalers.append(self.scaler)
+
+    monkeypatch.setattr(trainer_module.Accelerator, "__init__", init)
+    return scalers
+
+
+def test_fp16_overflows_back_off_the_loss_scale_without_stopping_the_run(tmp_path, monkeypatch,
+                                                                        fresh_accelerate_state):
+    """A GradScaler overflow skips that update and lowers the scale, as torch.amp intends: the run
+    goes on (the next unscale does not raise), the overflows are counted apart from non-finite
+    steps and do not trip train.max_nonfinite_steps, and the updates after the back-off train."""
+    # GradScaler's default start, 2^16: the fp16 gradients of this loss (~1700, summed over pixels)
+    # overflow at it, and the scaler halves the scale at each overflow
+    scalers = _fp16_with_a_cpu_grad_scaler(monkeypatch, init_scale=2.0 ** 16)
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
+    steps = 12
+    cfg = load_config(None, helpers.tiny_train_overrides(
+        photos, tmp_path / "run", steps, **{"train.mixed_precision": "fp16", "train.max_nonfinite_steps": 2,
+                                            "loss.disc_start": 0, "train.ema_decay": 0}))
+    train(cfg)
+    log = (tmp_path / "run" / "train.log").read_text()
+    overflows = log.count("fp16 gradient overflow")
+    assert overflows >= 3  # more in a row than max_nonfinite_steps allows for non-finite steps
+    assert overflows < steps  # and then the scaler found a scale at which the updates happen
+    assert "non-finite loss or gradient" not in log
+    assert scalers[0].get_scale() < 2.0 ** 16
+    norms = re.findall(r"step \d+ .*optim/ae_grad_norm=(\S+)", log)
+    assert len(norms) == steps and sum(math.isfinite(float(n)) for n in norms) == steps - overflows
+    assert f"optim/fp16_overflow_steps={overflows}" in log

@@ -11,7 +11,7 @@ from kl_ae.config import load_config
 
 from kl_ae.parsing import ConfigError
 from kl_ae.losses import disc_factor_at, reconstruction_loss
-from kl_ae.schedule import LRFactor, build_scheduler, configure, set_progress
+from kl_ae.schedule import LRFactor, build_scheduler, configure, set_progress, start_step
 
 
 def test_pixel_loss_weighted_sum_of_l1_and_l2():
@@ -81,6 +81,41 @@ def test_global_step_drives_a_scheduler_that_stepped_less_often():
     opt.step()
     sched.step()  # its own count says 1, the run is at step 75
     assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_start_step_gives_a_scheduler_that_never_stepped_the_runs_lr():
+    """The discriminator's scheduler has not stepped before disc_start; its first update must not
+    use the factor of step 0 (0 during warm-up)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, "linear", warmup_steps=10, max_steps=110)
+    assert opt.param_groups[0]["lr"] == 0.0  # LambdaLR's start: the warm-up factor of step 0
+    start_step(sched, 60)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # half of the decay after the warm-up
+    start_step(sched, 5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warm-up: 5 / 10
+
+
+def test_discriminator_first_update_uses_the_runs_learning_rate(tmp_path, monkeypatch):
+    import helpers
+    import kl_ae.step
+    from kl_ae.trainer import train
+
+    real_update = kl_ae.step._update
+    lrs = {"ae": [], "disc": []}
+
+    def spy(accelerator, loss, module, optimizer, scheduler, max_grad_norm):
+        name = "disc" if "Discriminator" in type(accelerator.unwrap_model(module)).__name__ else "ae"
+        lrs[name].append(optimizer.param_groups[0]["lr"])
+        return real_update(accelerator, loss, module, optimizer, scheduler, max_grad_norm)
+
+    monkeypatch.setattr(kl_ae.step, "_update", spy)
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
+    cfg = load_config(None, helpers.tiny_train_overrides(
+        photos, tmp_path / "run", 6, **{"loss.disc_start": 4, "optim.lr_warmup_steps": 2, "optim.scale_lr": "false",
+                                        "optim.base_learning_rate": 1e-3}))
+    train(cfg)
+    assert lrs["ae"] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3])  # warm-up over 2 steps, then constant
+    assert lrs["disc"] == pytest.approx([1e-3, 1e-3])  # steps 4 and 5 (0-based), the first one included
 
 
 def test_optimizer_settings_reach_the_optimizers(tmp_path):
