@@ -39,10 +39,12 @@ def test_quality_table_lists_every_point_and_both_baselines():
                                      "lpips": 0.25}]},
                "peer": {"points": [], "error": "exit 1 after saving its final model: TypeError"}}
     meta = {"precision": "bf16", "cpu_capability": "AVX512", "device": "cpu"}
-    table = quality._table(a, results, {"mean_colour": {"psnr": 18.0, "ssim": 0.4}}, meta)
+    baselines = {"mean_colour": {"psnr": 18.0, "ssim": 0.4}, "bicubic": {"psnr": 21.9, "ssim": 0.55}}
+    table = quality._table(a, results, baselines, meta)
     assert "| kl-ae | 2.00 | 100 | 10 | 20.00 | 0.5000 | - |" in table
     assert "| kl-ae | 4.00 | 200 | 20 | 21.00 | 0.6000 | 0.2500 |" in table
     assert "| baseline: mean_colour | - | - | - | 18.00 | 0.4000 | - |" in table
+    assert "| baseline: bicubic | - | - | - | 21.90 | 0.5500 | - |" in table
     assert "- peer: exit 1 after saving its final model: TypeError" in table
 
 

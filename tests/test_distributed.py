@@ -38,6 +38,9 @@ def test_two_process_training_runs_and_writes_once(tmp_path, source):
     log = (run_dir / "train.log").read_text()
     assert "world size 2" in log
     assert "parameters identical on all 2 ranks" in log and "DIFFER" not in log
+    # rank 0 alone writes the log and the checkpoints: each step is logged once, each save once
+    assert log.count("INFO kl_ae: step 3 ") == 1
+    assert log.count("saved checkpoint") == 2  # steps 2 and 3
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
     assert (run_dir / "checkpoints/step-0000003/random_states_1.pkl").exists()  # both ranks saved RNG state
     config = json.loads((run_dir / "export/config.json").read_text())

@@ -82,7 +82,7 @@ def test_crops_from_upscaled_images_are_counted_and_warned_about(photos, tmp_pat
             in log) == warned
 
 
-def test_no_usable_training_image_is_one_clear_error(tmp_path):
+def test_no_usable_training_image_is_one_clear_error(tmp_path, capsys):
     from kl_ae.cli import main
 
     bad = tmp_path / "bad"
@@ -94,3 +94,7 @@ def test_no_usable_training_image_is_one_clear_error(tmp_path):
                  "--set", "data.resolution=32", "--set", "data.num_workers=0", "--set", "loss.perceptual_weight=0",
                  "--set", "train.mixed_precision=no"])
     assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kl-ae train: error:")]
+    assert len(errors) == 1 and "no usable training image" in errors[0]
+    assert "empty_file" in errors[0] and "not_an_image" in errors[0]  # why each image was skipped
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -79,7 +79,7 @@ def test_a_checkpoint_without_a_config_uses_the_run_directorys(run, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_overwrite_moves_the_old_run_aside(run, tmp_path):
+def test_overwrite_moves_the_old_run_aside(run, tmp_path, capsys):
     photos, run_dir = run
     import shutil
 
@@ -88,6 +88,7 @@ def test_overwrite_moves_the_old_run_aside(run, tmp_path):
     before = snapshot(work)
     overrides = helpers.tiny_train_overrides(photos, work, 1)
     assert main(["train", "--resume", "latest", "--overwrite"] + [a for o in overrides for a in ("--set", o)]) == 2
+    assert "--resume continues the run in train.output_dir and --overwrite moves it aside" in capsys.readouterr().err
     assert main(["train", "--overwrite"] + [a for o in overrides for a in ("--set", o)]) == 0
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(moved) == 1 and snapshot(moved[0]) == before  # kept whole, not deleted

@@ -1,6 +1,7 @@
 """End to end on a tiny model: train, checkpoint, resume, export, reload, evaluate."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -111,11 +112,13 @@ def test_eval_command_writes_psnr_ssim(trained_run, photos, tmp_path):
     assert {"psnr", "ssim"} <= set(report["metrics"])
 
 
-def test_resume_continues_from_latest(trained_run, photos):
-    cfg = load_config(trained_run / "config.yaml", ["train.max_steps=6"])
+def test_resume_continues_from_latest(trained_run, photos, tmp_path):
+    run = tmp_path / "run"  # a copy: the module's other tests read the 4-step run
+    shutil.copytree(trained_run, run)
+    cfg = load_config(run / "config.yaml", ["train.max_steps=6", f"train.output_dir={run}"])
     train(cfg, resume="latest")
-    assert (trained_run / "checkpoints/latest").read_text().strip() == "step-0000006"
-    state = json.loads((trained_run / "checkpoints/step-0000006/loop_state.json").read_text())
+    assert (run / "checkpoints/latest").read_text().strip() == "step-0000006"
+    state = json.loads((run / "checkpoints/step-0000006/loop_state.json").read_text())
     assert state["step"] == 6
 
 
