@@ -57,9 +57,17 @@ def main() -> None:
     p.add_argument("--images-per-s", type=float, help="measured training images/s (bench/throughput.py)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, TFLOP/s")
     p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--counted", metavar="JSON", help="take the FLOPs from this earlier --out file instead of "
+                   "counting again (bench/gpu.sh counts on the CPU while the GPU trains, then adds the MFU)")
     a = p.parse_args()
     sys.path.insert(0, str(REPO))
-    result = count_step_flops(a.config, a.resolution, a.batch)
+    if a.counted:
+        result = json.loads(Path(a.counted).read_text())
+        if (result["config"], result["resolution"]) != (a.config, a.resolution):
+            p.error(f"--counted {a.counted} holds {result['config']} at {result['resolution']} px, "
+                    f"not {a.config} at {a.resolution}")
+    else:
+        result = count_step_flops(a.config, a.resolution, a.batch)
     print(f"{Path(a.config).name} at {a.resolution} px: {result['flops_per_image'] / 1e9:.1f} GFLOP per training "
           f"image (autoencoder + LPIPS + GAN step, forward and backward)")
     if a.images_per_s and a.peak_tflops:

@@ -215,11 +215,16 @@ def _materialise(spec: str, folder: Path) -> Path:
     return folder
 
 
-def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolution: int) -> dict | None:
-    """Fill each point with PSNR/SSIM(/LPIPS); return the baselines of the first evaluation."""
+def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolution: int,
+              after_each=lambda: None) -> dict | None:
+    """Fill each point with PSNR/SSIM(/LPIPS), calling ``after_each()`` after each; return the
+    baselines of the first evaluation. A point not reached (a signal stopped the evaluation) keeps
+    the eval_error 'not evaluated'."""
     from kl_ae.eval.evaluate import evaluate
     from kl_ae.model import load_autoencoder
 
+    for point in points:
+        point.setdefault("eval_error", "not evaluated")
     baselines = None
     for point in points:
         try:
@@ -231,12 +236,14 @@ def _evaluate(points: list[dict], val: str, lpips_trunk: str | None, val_resolut
             print(f"  {Path(point['path']).name}: evaluation failed: {point['eval_error']}", flush=True)
             continue
         m = report["metrics"]
+        point.pop("eval_error")
         point.update({"psnr": m["psnr"], "ssim": m["ssim"], "lpips": m.get("lpips")})
         if baselines is None:
             baselines = {k: {"psnr": v["psnr"], "ssim": v["ssim"]} for k, v in report["baselines"].items()}
             point["lpips_note"] = report.get("lpips_skipped", "")
         print(f"  {Path(point['path']).name}: {point['minutes']:.2f} min, {point['images_seen']} images, "
               f"PSNR {point['psnr']:.2f} dB, SSIM {point['ssim']:.3f}", flush=True)
+        after_each()
     return baselines
 
 
@@ -248,8 +255,9 @@ def _table(a: argparse.Namespace, results: dict, baselines: dict | None, meta: d
     for name, r in results.items():
         for p in r["points"]:
             if p.get("psnr") is None:
+                error = p.get("eval_error", "?")
                 lines.append(f"| {name} | {p['minutes']:.2f} | {p['images_seen']} | {p['step']} | "
-                             f"evaluation failed: {p.get('eval_error', '?')} | | |")
+                             f"{error if error == 'not evaluated' else 'evaluation failed: ' + error} | | |")
                 continue
             lpips = f"{p['lpips']:.4f}" if p.get("lpips") is not None else "-"
             lines.append(f"| {name} | {p['minutes']:.2f} | {p['images_seen']} | {p['step']} | {p['psnr']:.2f} | "
@@ -383,6 +391,24 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "table.md").write_text(table + "\n")
         return table
 
+    def evaluate(name: str) -> bool:
+        """Evaluate this trainer's points, writing after each; True if a signal stopped it (then
+        the points not reached stay 'not evaluated' in the files, and main() starts nothing more)."""
+        nonlocal baselines
+        write()  # the trainer's points, before their evaluation
+        try:
+            baselines = _evaluate(results[name]["points"], a.val, lpips_trunk, cfg.data.val_resolution,
+                                  after_each=write) or baselines
+        except KeyboardInterrupt:
+            print(f"  {name}: evaluation interrupted; the files keep the points evaluated so far", flush=True)
+            note = results[name].get("note")
+            results[name]["note"] = (f"{note}; " if note else "") + "evaluation interrupted (a signal or time limit)"
+            results[name]["eval_interrupted"] = True
+            write()
+            return True
+        write()
+        return False
+
     trainers: list[tuple[str, list[str]]] = [] if a.no_base else [("kl-ae", [])]
     for spec in a.variant:
         name, _, sets = spec.partition("=")
@@ -394,13 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: training {a.minutes:g} min ...", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         res = _run(cmd, run_dir.parent / f"{name}.log", env)
+        if not a.keep_runs:  # the trainer's log goes with the results; its run folder does not
+            shutil.copy(run_dir.parent / f"{name}.log", out / f"{name}.log")
         results[name] = {"points": _kl_ae_points(run_dir), "run": res, "overrides": extra,
                          **({"error": res["error"]} if res.get("error") else {})}
-        baselines = _evaluate(results[name]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
-        write()
-        if res.get("interrupted"):
+        if evaluate(name) or res.get("interrupted"):
             break
-    stopped = any(r.get("run", {}).get("interrupted") for r in results.values())
+    stopped = any(r.get("run", {}).get("interrupted") or r.get("eval_interrupted") for r in results.values())
     if a.plain and not stopped:
         from kl_ae.model import build_autoencoder
 
@@ -418,13 +444,11 @@ def main(argv: list[str] | None = None) -> dict:
         res = _run(cmd, runs_dir / "plain.log", env)
         results["plain"] = {"points": _saved_points(saved), "run": res,
                             **({"error": res["error"]} if res.get("error") else {})}
-        baselines = _evaluate(results["plain"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
-        write()
-        stopped = bool(res.get("interrupted"))
+        stopped = evaluate("plain") or bool(res.get("interrupted"))
     if a.peer and not stopped:
         print(f"peer: training {a.minutes:g} min ...", flush=True)
         results["peer"] = _run_peer(a, cfg, work, env, precision if a.peer_precision == "same" else a.peer_precision)
-        baselines = _evaluate(results["peer"]["points"], a.val, lpips_trunk, cfg.data.val_resolution) or baselines
+        evaluate("peer")
 
     table = write()
     print(table)

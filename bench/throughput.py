@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def _parse() -> argparse.Namespace:
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default=str(REPO / "configs/quickstart.yaml"), help="kl-ae config (architecture)")
@@ -70,7 +70,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--only", help="comma-separated trainer names to run (default: all)")
     p.add_argument("--out", help="directory for result.json and table.md")
     p.add_argument("--quick", action="store_true", help="quickstart model, 128 px, batch 4, 2 repeats")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.quick:
         a.config, a.resolution, a.batch = str(REPO / "configs/quickstart.yaml"), 128, 4
     a.steps = a.steps or (4 if a.quick else 6)
@@ -247,19 +247,33 @@ def main() -> None:
 
     names = [n for n in runs if not a.only or n in a.only.split(",")]
     results: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(a.repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
-        for name in order:
-            run_env = {**env, "PYTHONPATH": _pythonpath(Path(a.baseline_repo).resolve())} if name == "kl-ae@base" else env
-            cmd = runs[name]
-            if name.startswith("kl-ae"):  # a fresh run folder per repeat: kl-ae refuses to train over a run
-                cmd = [*cmd, "--set", f"train.output_dir={work / 'runs' / f'{name}-{r}'}"]
-            rec = _run(name, cmd, work, run_env, r, expected_ae=a.warmup + a.steps + 1)
-            rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
-            results[name].append(rec)
-            print(f"repeat {r + 1}/{a.repeats} {name:>18}: {rec['images_per_s']:.3f} img/s "
-                  f"(peak RSS {rec['peak_rss_mb']:.0f} MB, wall {rec['wall_s']:.0f} s)", flush=True)
+    meta = {"argv": sys.argv[1:], **machine_info(), "precision": a.precision, "precision_note": note,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        for r in range(a.repeats):
+            order = names[r % len(names):] + names[: r % len(names)]  # rotate: no trainer always goes first
+            for name in order:
+                run_env = ({**env, "PYTHONPATH": _pythonpath(Path(a.baseline_repo).resolve())}
+                           if name == "kl-ae@base" else env)
+                cmd = runs[name]
+                if name.startswith("kl-ae"):  # a fresh run folder per repeat: kl-ae refuses to train over a run
+                    cmd = [*cmd, "--set", f"train.output_dir={work / 'runs' / f'{name}-{r}'}"]
+                rec = _run(name, cmd, work, run_env, r, expected_ae=a.warmup + a.steps + 1)
+                rec["images_per_s"], rec["disc_updates"] = _images_per_s(rec, a.batch, a.warmup)
+                results[name].append(rec)
+                print(f"repeat {r + 1}/{a.repeats} {name:>18}: {rec['images_per_s']:.3f} img/s "
+                      f"(peak RSS {rec['peak_rss_mb']:.0f} MB, wall {rec['wall_s']:.0f} s)", flush=True)
+                _write(a, meta, results, final=False)  # a run cut short keeps every trainer measured so far
+    except KeyboardInterrupt:  # bench/gpu.sh's time slot: keep what was measured
+        print("interrupted: the table holds the runs that finished", flush=True)
+        meta["interrupted"] = True
+    print(_write(a, meta, results, final=True))
+    shutil.rmtree(work, ignore_errors=True)
 
+
+def _write(a: argparse.Namespace, meta: dict, results: dict[str, list[dict]], final: bool) -> str:
+    """The summary of the runs so far (median images/s per trainer, ratios to kl-ae) as a table;
+    written to --out as result.json and table.md when given. Trainers with no run yet are left out."""
     summary = {n: {"images_per_s": statistics.median(x["images_per_s"] for x in v),
                    "runs": [round(x["images_per_s"], 4) for x in v],
                    "peak_rss_mb": max(x["peak_rss_mb"] for x in v),
@@ -268,20 +282,18 @@ def main() -> None:
                    **({"failed_after_training": sorted({x["failed_after_training"] for x in v
                                                         if "failed_after_training" in x})}
                       if any("failed_after_training" in x for x in v) else {})}
-               for n, v in results.items()}
+               for n, v in results.items() if v}
     base = summary["kl-ae"]["images_per_s"] if "kl-ae" in summary else float("nan")
     for n, s in summary.items():
         s["kl-ae / this"] = base / s["images_per_s"]
     table = _table(a, summary)
-    print(table)
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"argv": sys.argv[1:], **machine_info(), "precision": a.precision, "precision_note": note,
-                "date": time.strftime("%Y-%m-%d %H:%M")}
-        (out / "result.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=2))
+        (out / "result.json").write_text(json.dumps({"meta": {**meta, "complete": final and not meta.get("interrupted")},
+                                                     "summary": summary}, indent=2))
         (out / "table.md").write_text(table + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    return table
 
 
 def _table(a: argparse.Namespace, summary: dict) -> str:

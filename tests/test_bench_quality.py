@@ -57,8 +57,9 @@ def test_gpu_script_dry_run_runs_every_step(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = (out / "status.txt").read_text()
-    for name in ("quality", "throughput", "flops", "max_batch"):
+    for name in ("quality", "throughput", "max_batch"):
         assert f"   {name}: exit 0 " in status, status
+    assert "   flops count: exit 0 " in status
     quality = json.loads((out / "quality" / "result.json").read_text())
     points = quality["results"]["kl-ae"]["points"]
     assert len(points) >= 2 and all(p["psnr"] > 0 and p["images_seen"] > 0 for p in points)
@@ -78,6 +79,24 @@ def test_gpu_script_dry_run_runs_every_step(tmp_path):
     assert {"gpu/status.txt", "gpu/quality/result.json", "gpu/throughput/result.json", "gpu/flops.json",
             "gpu/max_batch.json"} <= names
     assert "data: builtin:train -> builtin:val; peer: none" in status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, ran, skipped", [
+    ({"ONLY": "max_batch"}, ["max_batch"], []),
+    ({"BUDGET_S": "1"}, [], ["quality", "throughput", "max_batch"]),  # the setup alone outlasts it
+])
+def test_gpu_script_runs_the_steps_asked_for_within_its_budget(tmp_path, setting, ran, skipped):
+    out = tmp_path / "gpu"
+    env = {**os.environ, "PYTHON": sys.executable, "PHOTOS": str(tmp_path / "none"), **setting}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = (out / "status.txt").read_text()
+    for name in ("quality", "throughput", "max_batch"):
+        assert (f"   {name}: exit 0 " in status) == (name in ran), status
+        assert (f"== {name}: skipped, " in status) == (name in skipped), status
+    assert "   flops count: exit 0 " in status
 
 
 def test_peer_minutes_leave_out_its_validation_and_checkpoint_writes():
@@ -169,3 +188,31 @@ def test_largest_batch_doubles_from_the_start_then_bisects_to_the_tolerance(monk
     monkeypatch.setattr(_FakeSetting, "fits_up_to", 1000)
     errored = max_batch.largest_batch("c.yaml", 256, False, max_batch=128, start_batch=16)
     assert errored["largest_batch"] == 63 and "invalid configuration" in errored["tries"][2]["error"]
+
+
+def test_an_interrupted_evaluation_keeps_the_points_evaluated_so_far(monkeypatch):
+    """A time limit's SIGINT during the evaluation (bench/gpu.sh): the points evaluated are in the
+    files already (``after_each``), the others say 'not evaluated' in the table."""
+    quality = _load("quality")
+    import kl_ae.eval.evaluate
+    import kl_ae.model
+
+    calls = []
+
+    def fake_evaluate(vae, val, **kw):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(vae)
+        return {"metrics": {"psnr": 20.0, "ssim": 0.5}, "baselines": {"bicubic": {"psnr": 19.0, "ssim": 0.4}}}
+
+    monkeypatch.setattr(kl_ae.model, "load_autoencoder", lambda path: path)
+    monkeypatch.setattr(kl_ae.eval.evaluate, "evaluate", fake_evaluate)
+    points = [{"path": f"step-{i}", "minutes": float(i), "images_seen": 10 * i, "step": i} for i in (1, 2, 3)]
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        quality._evaluate(points, "val", None, 256, after_each=lambda: written.append([p.get("psnr") for p in points]))
+    assert written == [[20.0, None, None]]
+    assert "eval_error" not in points[0] and points[1]["eval_error"] == points[2]["eval_error"] == "not evaluated"
+    table = quality._table(quality._parse(["--minutes", "3"]), {"kl-ae": {"points": points}}, None,
+                           {"precision": "bf16", "cpu_capability": "AVX512", "device": "cuda"})
+    assert "| kl-ae | 2.00 | 20 | 2 | not evaluated | | |" in table

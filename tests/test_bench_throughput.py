@@ -87,3 +87,17 @@ def test_repeats_each_train_in_a_fresh_run_folder(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "result.json").read_text())["summary"]
     assert len(summary["kl-ae"]["runs"]) == 2
+
+
+def test_results_are_written_after_every_run_and_leave_out_trainers_not_run(tmp_path):
+    """bench/gpu.sh may stop the benchmark between trainers: the files then hold the ones measured."""
+    throughput = _load("throughput")
+    a = throughput._parse(["--out", str(tmp_path), "--steps", "4", "--repeats", "1"])
+    rec = {"images_per_s": 10.0, "peak_rss_mb": 100.0, "disc_updates": 4}
+    table = throughput._write(a, {"argv": []}, {"kl-ae": [rec], "peer": []}, final=False)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert list(saved["summary"]) == ["kl-ae"] and saved["meta"]["complete"] is False
+    assert "| kl-ae | 10.000 |" in table and "peer" not in table
+    throughput._write(a, {"argv": []}, {"kl-ae": [rec], "peer": [{**rec, "images_per_s": 5.0}]}, final=True)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["meta"]["complete"] is True and saved["summary"]["peer"]["kl-ae / this"] == 2.0
