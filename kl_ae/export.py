@@ -133,9 +133,13 @@ def latent_factors_for(vae: AutoencoderKL, cfg: Config, images: str | None) -> d
         kept_from = f"model.init_config={m.init_config}" if m.init_config else f"model.init_from={m.init_from}"
         why = ("decoder-only fine-tune: encoder frozen" if not m.train_encoder
                else "fp16-fix fine-tune: trained to keep the original's posterior means")
-        return {"scaling_factor": original.get("scaling_factor", 0.18215),
+        kept = {"scaling_factor": original.get("scaling_factor", 0.18215),
                 "shift_factor": original.get("shift_factor"), "resolution": cfg.data.resolution,
                 "source": f"kept from {kept_from} ({why})"}
+        if original.get("latents_mean") is not None and original.get("latents_std") is not None:
+            kept.update(latents_mean=list(original["latents_mean"]), latents_std=list(original["latents_std"]),
+                        store_latents_mean_std=True)  # SDXL-family pipelines read them with the scaling_factor
+        return kept
     if images is None:
         raise ValueError("the latent scaling factor must be measured: name the images to measure it on")
     factors = compute_latent_factors(vae, images, resolution=cfg.data.resolution,
@@ -188,7 +192,13 @@ def format_factors(factors: dict) -> str:
 
 
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
-    """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors)."""
+    """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors).
+
+    Every latent-normalisation field is written, not inherited: ``latents_mean``/``latents_std``
+    are the factors' (measured, or kept from the init_from VAE) or null, and ``force_upcast`` is
+    true (an fp16 audit that a loss.fp16_fix run passes turns it off, :func:`audit_export`). A model
+    fine-tuned from a VAE whose config said otherwise would else carry that VAE's per-channel
+    statistics next to a new scaling_factor, or its ``force_upcast: false`` without the audit."""
     out_dir = Path(out_dir)
     # sample_size only sets diffusers' tile size (enable_tiling): the training resolution, or more
     # when the decoder's receptive field is wider (measured in bench/tiling.py)
@@ -203,10 +213,11 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
         (out_dir / LATENT_STATS).write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
         logger.info("exported to %s (FLUX.2 BatchNorm statistics of %s images)", out_dir, factors.get("num_images"))
         return out_dir
+    store = bool(factors.get("store_latents_mean_std"))
     vae.register_to_config(scaling_factor=float(factors["scaling_factor"]), shift_factor=factors["shift_factor"],
-                           sample_size=tile)
-    if factors.get("store_latents_mean_std"):
-        vae.register_to_config(latents_mean=list(factors["latents_mean"]), latents_std=list(factors["latents_std"]))
+                           sample_size=tile, force_upcast=True,
+                           latents_mean=list(factors["latents_mean"]) if store else None,
+                           latents_std=list(factors["latents_std"]) if store else None)
     vae.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / LATENT_STATS).write_text(json.dumps({**factors, **(provenance or {})}, indent=2))
     logger.info(

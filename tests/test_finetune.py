@@ -53,6 +53,27 @@ def test_full_finetune_recomputes_factors(setup, tmp_path):
     assert config["scaling_factor"] == pytest.approx(1 / stats["std"])
 
 
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_export_writes_its_own_normalisation_and_upcast_not_the_originals(tmp_path, train_encoder):
+    """An original that says force_upcast: false (an fp16-fixed VAE) and has per-channel
+    latents_mean/std (SDXL-family): a decoder-only fine-tune keeps the statistics (the latent
+    space is the original's), a full one measures a new scaling_factor and must not keep them;
+    neither passed an fp16 audit as a loss.fp16_fix run, so both say force_upcast: true."""
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.9, 1.1, 1.2, 0.8]
+    helpers.tiny_vae(scaling_factor=0.5, sample_size=32, force_upcast=False, latents_mean=mean,
+                     latents_std=std).save_pretrained(tmp_path / "original")
+    train(run(photos, tmp_path / "original", tmp_path / "run", f"model.train_encoder={str(train_encoder).lower()}"))
+    config = json.loads((tmp_path / "run/export/config.json").read_text())
+    assert config["force_upcast"] is True
+    if train_encoder:
+        assert config["latents_mean"] is None and config["latents_std"] is None
+        assert config["scaling_factor"] != 0.5
+    else:
+        assert config["scaling_factor"] == 0.5
+        assert config["latents_mean"] == pytest.approx(mean) and config["latents_std"] == pytest.approx(std)
+
+
 def test_mismatched_architecture_is_one_clear_error(setup, tmp_path):
     photos, original = setup
     with pytest.raises(ConfigError, match=r"model.latent_channels=16 but the VAE has 4"):

@@ -258,6 +258,24 @@ def test_eval_reports_diffusability(tmp_path):
     assert d["equivariance_psnr_scale_0.5"] > 0 and d["equivariance_psnr_rot90_1"] > 0
 
 
+def test_diffusability_report_of_an_exact_decode_is_json_safe():
+    """A flat black image decoded exactly (the decode clamps to -1): infinite equivariance PSNR is
+    written null with a count, as the reconstruction's PSNR is, and the report stays strict JSON."""
+    import json
+    from types import SimpleNamespace
+
+    from kl_ae.eval.diffusability import DiffusabilityStats
+
+    black = SimpleNamespace(decode=lambda z: SimpleNamespace(sample=torch.full((z.shape[0], 3, 8 * z.shape[-2],
+                                                                                8 * z.shape[-1]), -1.0)))
+    stats = DiffusabilityStats()
+    stats.update(black, torch.full((2, 3, 32, 32), -1.0), torch.zeros(2, 4, 4, 4))
+    report = stats.report()
+    assert report["equivariance_psnr_scale_0.5"] is None and report["equivariance_psnr_scale_0.5_infinite"] == 2
+    assert report["equivariance_psnr_rot90_1"] is None and report["equivariance_psnr_rot90_1_infinite"] == 2
+    json.dumps(report, allow_nan=False)  # raises on inf
+
+
 def test_eq_transforms_work_in_bf16():
     """Training runs under bf16 autocast: the latent reaches the transform in bf16."""
     z = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)

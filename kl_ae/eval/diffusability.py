@@ -14,7 +14,9 @@ Two figures next to the latent report's decoder robustness (kl_ae.eval.latent.Ro
   bilinear with antialiasing) and rotation by 90 degrees. A latent whose decoder commutes with
   these transforms scores close to the plain reconstruction's PSNR; higher is better.
 
-PSNR as kl_ae.eval.metrics.psnr_8bit (8-bit rounded, data range 1), averaged over images.
+PSNR as kl_ae.eval.metrics.psnr_8bit (8-bit rounded, data range 1), averaged over images; as
+for the reconstruction's PSNR (kl_ae.eval.evaluate), a mean over an infinite PSNR (decode(tau(z))
+equal to tau(x) after 8-bit rounding) is written null, with ``..._infinite`` giving the count.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ class DiffusabilityStats:
     (element-wise sums) merge processes."""
 
     def __init__(self):
-        # [images, image high, image total, latent high, latent total, sum PSNR per EQ transform]
-        self._state = torch.zeros(5 + len(EQ_TRANSFORMS), dtype=torch.float64)
+        # [images, image high, image total, latent high, latent total, sum PSNR per EQ transform,
+        #  count of infinite PSNRs per EQ transform]
+        self._state = torch.zeros(5 + 2 * len(EQ_TRANSFORMS), dtype=torch.float64)
 
     def state_tensor(self) -> Tensor:
         return self._state.clone()
@@ -64,23 +67,28 @@ class DiffusabilityStats:
         factor = x.shape[-1] // z.shape[-1]
         image_high, image_total = high_frequency_energy(x)
         latent_high, latent_total = high_frequency_energy(z)
-        psnrs = []
+        psnrs, infinite = [], []
         for kind, value in EQ_TRANSFORMS:
             tau = EqTransform(kind, value)
             decoded = vae.decode(tau.latent(z)).sample.float().clamp(-1, 1)
-            psnrs.append(psnr_8bit(tau.image(x.float(), factor), decoded).double().sum().cpu())
+            psnr = psnr_8bit(tau.image(x.float(), factor), decoded).double().cpu()
+            psnrs.append(psnr.sum())
+            infinite.append(torch.isinf(psnr).sum().double())
         self._state += torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64), image_high.cpu(),
-                                    image_total.cpu(), latent_high.cpu(), latent_total.cpu(), *psnrs])
+                                    image_total.cpu(), latent_high.cpu(), latent_total.cpu(), *psnrs, *infinite])
 
     def report(self) -> dict:
-        images, ih, it, lh, lt, *psnr = self._state.tolist()
+        images, ih, it, lh, lt, *rest = self._state.tolist()
+        psnr, infinite = rest[:len(EQ_TRANSFORMS)], rest[len(EQ_TRANSFORMS):]
         return {
             "images": int(images),
             "high_frequency_share_images": ih / it if it else None,
             "high_frequency_share_latent": lh / lt if lt else None,
             "high_frequency_cutoff": "radial frequency > 0.25 cycles/sample (half the Nyquist frequency)",
-            **{f"equivariance_psnr_{kind}_{value:g}": (p / images if images else None)
-               for (kind, value), p in zip(EQ_TRANSFORMS, psnr)},
+            **{f"equivariance_psnr_{kind}_{value:g}": (p / images if images and not n_inf else None)
+               for (kind, value), p, n_inf in zip(EQ_TRANSFORMS, psnr, infinite)},
+            **{f"equivariance_psnr_{kind}_{value:g}_infinite": int(n_inf)
+               for (kind, value), n_inf in zip(EQ_TRANSFORMS, infinite) if n_inf},
             "equivariance": "PSNR dB of decode(tau(z_mode)) against tau(x): scale_0.5 = downscale by 2, "
                             "rot90_1 = rotation by 90 degrees; compare with the reconstruction's PSNR",
         }
@@ -99,6 +107,6 @@ def format_diffusability(report: dict) -> list[str]:
         f"diffusability: high-frequency energy share (> half Nyquist) latent {share('high_frequency_share_latent')} "
         f"vs images {share('high_frequency_share_images')} (lower is smoother); equivariance PSNR "
         + ", ".join(f"{k.removeprefix('equivariance_psnr_')}: {v:.2f} dB" for k, v in d.items()
-                    if k.startswith("equivariance_psnr_") and v is not None)
+                    if k.startswith("equivariance_psnr_") and not k.endswith("_infinite") and v is not None)
         + f" over {d['images']} images"
     ]
