@@ -66,7 +66,9 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
     scale, shift = config.get("scaling_factor"), config.get("shift_factor")
     quant = config.get("use_quant_conv", True) and config.get("use_post_quant_conv", True)
     cls = config["_class_name"]
-    factor_rows = (_flux2_rows(config, channels) if cls == "AutoencoderKLFlux2" else [
+    per_channel = config.get("latents_mean") is not None and config.get("latents_std") is not None
+    factor_rows = (_flux2_rows(config, channels) if cls == "AutoencoderKLFlux2" else
+                   _per_channel_rows(config) if per_channel else [
         f"| scaling_factor | {scale!r} |",
         f"| shift_factor | {'none' if shift is None else repr(shift)} |", "",
         "A diffusion model is trained on `(z - shift_factor) * scaling_factor` and decodes "
@@ -87,7 +89,7 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
         f"mid-block attention {'on' if config.get('mid_block_add_attention', True) else 'off'} |",
         f"| quant convs | {'yes (SD 1.x / SDXL / FLUX.2 layout)' if quant else 'no (SD3 / FLUX.1 layout)'} |",
         *factor_rows,
-        *_stats_section(stats, flux2=cls == "AutoencoderKLFlux2"),
+        *_stats_section(stats, flux2=cls == "AutoencoderKLFlux2", per_channel=per_channel),
         *_fp16_section(fp16_audit, config.get("force_upcast", True)),
         "## Use", "",
         "```python",
@@ -99,6 +101,12 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
         *(["with torch.no_grad():",
            "    z = vae.encode(images).latent_dist.mode()  # FLUX.2 pipelines encode the mode",
            "    reconstruction = vae.decode(z).sample"] if cls == "AutoencoderKLFlux2" else [
+          f"mean = torch.tensor(vae.config.latents_mean).view(1, {channels}, 1, 1)",
+          f"std = torch.tensor(vae.config.latents_std).view(1, {channels}, 1, 1)",
+          "s = vae.config.scaling_factor",
+          "with torch.no_grad():",
+          "    z = (vae.encode(images).latent_dist.sample() - mean) * s / std",
+          "    reconstruction = vae.decode(z * std / s + mean).sample"] if per_channel else [
           "shift = vae.config.shift_factor or 0.0",
           "with torch.no_grad():",
           "    z = (vae.encode(images).latent_dist.sample() - shift) * vae.config.scaling_factor",
@@ -108,6 +116,20 @@ def model_card(config: dict, stats: dict | None, repo_id: str, *, license: str =
         "latents: `DiffusionPipeline.from_pretrained(base, vae=vae)`.", "",
     ]
     return "\n".join(lines)
+
+
+def _per_channel_rows(config: dict) -> list[str]:
+    """The SDXL-family convention (config.json's latents_mean / latents_std, e.g. with
+    model.latents_mean_std): per-channel normalisation, which those pipelines apply with the
+    scaling_factor (diffusers pipeline_stable_diffusion_xl: (z - mean_c) * scaling_factor / std_c)."""
+    vec = lambda values: "[" + ", ".join(f"{v:.4g}" for v in values) + "]"  # noqa: E731
+    return [f"| scaling_factor | {config.get('scaling_factor')!r} |",
+            f"| latents_mean | {vec(config['latents_mean'])} |",
+            f"| latents_std | {vec(config['latents_std'])} |", "",
+            "A diffusion model is trained on `(z - latents_mean_c) * scaling_factor / latents_std_c`, per "
+            "channel c, and decodes `z * latents_std_c / scaling_factor + latents_mean_c`. The SDXL-family "
+            "pipelines read all three from config.json; pipelines that read scaling_factor alone (SD 1.x, "
+            "SD3, FLUX.1) do not normalise these latents per channel.", ""]
 
 
 def _flux2_rows(config: dict, channels: int) -> list[str]:
@@ -123,7 +145,7 @@ def _flux2_rows(config: dict, channels: int) -> list[str]:
             "from: Latent statistics, below).", ""]
 
 
-def _stats_section(stats: dict | None, flux2: bool = False) -> list[str]:
+def _stats_section(stats: dict | None, flux2: bool = False, per_channel: bool = False) -> list[str]:
     if stats is None:
         return ["## Latent statistics", "", "The export has no latent_stats.json.", ""]
     lines = ["## Latent statistics", ""]
@@ -139,8 +161,10 @@ def _stats_section(stats: dict | None, flux2: bool = False) -> list[str]:
         lines += [
             f"Measured on {stats.get('num_images')} images ({stats.get('images')}) centre-cropped to "
             f"{stats.get('resolution')} px, over latent {stats.get('latent', 'samples')}s: "
-            f"mean {stats['mean']:.6g}, std {stats['std']:.6g}; scaling_factor = 1/std"
-            + (", shift_factor = mean." if stats.get("shift_factor") is not None else "."), "",
+            f"mean {stats['mean']:.6g}, std {stats['std']:.6g}; "
+            + ("latents_mean / latents_std: the per-channel mean and std, with scaling_factor 1."
+               if per_channel else "scaling_factor = 1/std"
+               + (", shift_factor = mean." if stats.get("shift_factor") is not None else ".")), "",
         ]
     if stats.get("step") is not None:
         lines += [f"Weights: training step {stats['step']}{' (EMA)' if stats.get('ema') else ''}.", ""]

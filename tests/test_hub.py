@@ -83,6 +83,26 @@ def test_license_and_kept_factors(photos, tmp_path):
     assert "kept from model.init_from=sd/vae" in card and "Measured on" not in card
 
 
+def test_a_per_channel_export_gets_a_card_with_its_convention_and_a_snippet_that_applies_it(photos, tmp_path):
+    """model.latents_mean_std (SDXL-family): scaling_factor 1 and per-channel statistics; the card
+    must not tell users 1/std or scaling_factor alone, and its snippet must normalise per channel."""
+    torch.manual_seed(0)
+    vae = build_autoencoder(ModelConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8))
+    factors = compute_latent_factors(vae, str(photos), resolution=32, num_images=3, progress=False)
+    factors.update(scaling_factor=1.0, shift_factor=None, store_latents_mean_std=True)  # as latent_factors_for
+    export = save_export(vae, tmp_path / "export", factors, {"step": 7, "ema": True})
+    card = (prepare_hub_folder(export, tmp_path / "hub", str(tmp_path / "hub")) / "README.md").read_text()
+    assert "| latents_mean | [" in card and "| latents_std | [" in card and "| scaling_factor | 1.0 |" in card
+    assert "scaling_factor = 1/std" not in card and "| shift_factor |" not in card
+    assert "latents_mean / latents_std: the per-channel mean and std, with scaling_factor 1." in card
+    snippet = card.split("```python\n")[1].split("```")[0].replace("256, 256", "32, 32")
+    scope = {}
+    exec(snippet, scope)  # the card's own code, on the export (its repo id here is the local folder)
+    assert scope["z"].shape == (1, 4, 16, 16) and scope["reconstruction"].shape == (1, 3, 32, 32)
+    torch.testing.assert_close(scope["mean"].flatten(), torch.tensor(factors["latents_mean"]))
+    assert "- mean) * s / std" in snippet and "z * std / s + mean" in snippet
+
+
 def test_a_flux2_export_gets_a_card_with_its_batchnorm_convention(photos, tmp_path):
     """FLUX.2 pipelines read no factors: the card says how they normalise (patchify, BatchNorm)."""
     from diffusers import AutoencoderKLFlux2
