@@ -27,3 +27,16 @@ def test_the_audit_passes_a_small_vae_and_flags_an_overflowing_one(tmp_path, cap
                  "--lpips-trunk", "none", "--rfid-weights", "none", "--out", str(tmp_path / "m.json")]) == 0
     assert "NOT fp16-safe" in capsys.readouterr().out
     assert json.loads((tmp_path / "m.json").read_text())["fp16_audit"]["blocks_over_fp16_max"]
+
+
+def test_the_audit_sees_the_residual_stream_not_only_the_leaf_outputs(tmp_path):
+    """Two ResNet blocks each adding 30000 through conv2: every leaf output stays near 30000, but
+    the stream the second block returns is near 60000, under fp16's 65504 with a headroom of ~1.1."""
+    photos = helpers.write_noise_photos(tmp_path / "photos", 2, size=(32, 32))
+    vae = helpers.tiny_vae(4)
+    with torch.no_grad():
+        for resnet in vae.decoder.up_blocks[-1].resnets:
+            resnet.conv2.bias.fill_(30000.0)
+    audit = fp16_audit(vae, str(photos), resolution=32)
+    assert audit["max_abs_per_block"]["decoder.up_blocks.1"] > 59000
+    assert audit["headroom"] < 1.15

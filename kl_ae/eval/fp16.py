@@ -4,10 +4,12 @@ fp16's largest finite value is 65504; SDXL's VAE exceeds it inside the decoder, 
 gives NaN or black images (the community "fp16-fix" VAEs were fine-tuned to shrink those
 activations). The audit runs the model twice on the first images:
 
-- in float32, with a forward hook on every leaf module, recording the largest absolute output of
+- in float32, with a forward hook on every module, recording the largest absolute output of
   each block (encoder/decoder down, mid and up blocks, the convolutions around them): a block
   above 65504 overflows in fp16, and ``headroom`` = 65504 / the largest value says how close the
-  model is;
+  model is. The composite modules count, not only the leaves: a ResNet block adds its shortcut
+  and an attention block its residual inside their own forward, and those sums, the residual
+  stream, are often a decoder's largest values;
 - in float16 (a copy of the weights), encoding to the posterior mode and decoding: whether any
   output is inf or NaN, and the PSNR of the fp16 reconstruction against the fp32 one (8-bit,
   data range 1, as kl_ae.eval.metrics.psnr_8bit).
@@ -64,8 +66,7 @@ def fp16_audit(vae, images: str, resolution: int = 256, max_images: int = 4, dev
                 peaks[_block_of(name)] = max(peaks.get(_block_of(name), 0.0), out.detach().abs().max().item())
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in vae32.named_modules()
-               if n and not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook(n)) for n, m in vae32.named_modules() if n]
     try:
         reference = vae32.decode(vae32.encode(x).latent_dist.mode()).sample.float()
     finally:
