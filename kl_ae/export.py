@@ -294,7 +294,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, force: boo
                          "--images with a folder or shard pattern of training-like images (the run's own "
                          "data.train is never read by export)") from err
     save_export(vae, out_dir, factors, provenance)
-    audit_export(vae, out_dir, images, cfg.data.resolution, cfg.loss.fp16_fix)
+    if images is None:  # a decoder-only fine-tune's kept factors needed no images; the audit does
+        logger.info("no images given: the export is not audited for fp16 (pass --images to audit it)")
+    else:
+        audit_export(vae, out_dir, images, cfg.data.resolution, cfg.loss.fp16_fix)
     return out_dir
 
 

@@ -133,6 +133,17 @@ def test_modes_become_sensible_rgb(folder):
     assert np.asarray(as_float)[0, :, 0].tolist() == [0, 128]
 
 
+def test_a_transparent_colour_in_an_rgb_or_grey_png_is_composited_onto_white(tmp_path):
+    """A PNG's tRNS chunk marks one colour transparent in RGB and grey images too, not only in palettes."""
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = [10, 20, 30]
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png", transparency=0)
+    for name, kept in (("rgb.png", [10, 20, 30]), ("grey.png", [10, 10, 10])):
+        out = np.asarray(images.to_rgb(Image.open(tmp_path / name)))
+        assert out[0, 0].tolist() == kept and (out.reshape(-1, 3)[1:] == 255).all(), name
+
+
 def test_exif_orientation_is_applied(folder):
     img = _decoded(folder)["exif.jpg"]
     assert img.size == (40, 60)  # stored 60x40, displayed portrait

@@ -95,3 +95,18 @@ def test_saved_config_reloads_after_the_vae_has_moved(setup, tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     original.rename(tmp_path / "moved")
     assert load_config(tmp_path / "config.yaml").model.init_from == str(original)
+
+
+def test_exporting_a_decoder_only_checkpoint_without_images_says_it_is_not_audited(setup, tmp_path, caplog):
+    """Its kept factors need no images, the fp16 audit does: no audit, and no 'audit failed' warning."""
+    from kl_ae.export import export_checkpoint
+    from kl_ae.eval.fp16 import FP16_AUDIT
+
+    photos, original = setup
+    train(run(photos, original, tmp_path / "run", "model.train_encoder=false", "train.checkpoint_every=1",
+              "train.keep_last=0"))
+    with caplog.at_level("INFO", logger="kl_ae"):
+        out = export_checkpoint(tmp_path / "run/checkpoints/step-0000002", tmp_path / "export-2")
+    assert json.loads((out / "config.json").read_text())["scaling_factor"] == 0.123
+    assert not (out / FP16_AUDIT).exists()
+    assert "the export is not audited for fp16" in caplog.text and "audit of the export failed" not in caplog.text
