@@ -194,7 +194,8 @@ def format_factors(factors: dict) -> str:
 def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenance: dict | None = None) -> Path:
     """Write ``vae`` with its factors in config.json via ``save_pretrained`` (safetensors).
 
-    Every latent-normalisation field is written, not inherited: ``latents_mean``/``latents_std``
+    Every latent-normalisation field of an AutoencoderKL is written, not inherited (an
+    AutoencoderKLFlux2 has none: its BatchNorm statistics are set): ``latents_mean``/``latents_std``
     are the factors' (measured, or kept from the init_from VAE) or null, and ``force_upcast`` is
     true (an fp16 audit that a loss.fp16_fix run passes turns it off, :func:`audit_export`). A model
     fine-tuned from a VAE whose config said otherwise would else carry that VAE's per-channel
@@ -252,6 +253,8 @@ def audit_export(vae: AutoencoderKL, export_dir: Path, images: str, resolution: 
 
 
 def _no_upcast_if_safe(vae: AutoencoderKL, export_dir: Path, audit: dict, fp16_fix: bool) -> None:
+    if hasattr(vae, "bn"):  # AutoencoderKLFlux2: no force_upcast in its config, nor in its pipelines
+        return
     if fp16_fix and audit.get("fp16_safe"):  # SDXL pipelines upcast a VAE unless its config says not to
         vae.register_to_config(force_upcast=False)
         vae.save_config(export_dir)

@@ -152,3 +152,29 @@ def test_fp16_overflows_back_off_the_loss_scale_without_stopping_the_run(tmp_pat
     norms = re.findall(r"step \d+ .*optim/ae_grad_norm=(\S+)", log)
     assert len(norms) == steps and sum(math.isfinite(float(n)) for n in norms) == steps - overflows
     assert f"optim/fp16_overflow_steps={overflows}" in log
+
+
+def test_fp16_with_accumulation_unscales_each_models_gradients_once(fresh_accelerate_state):
+    """Under a GradScaler with 2 micro-batches, the autoencoder's update must not unscale the
+    discriminator's gradients still pending from the first micro-batch (they would be divided by
+    the scale twice). Two one-weight models: d(w·1)/dw = 1, averaged over the micro-batches."""
+    from accelerate import Accelerator
+
+    from kl_ae.step import _update
+
+    acc = Accelerator(cpu=True, mixed_precision="fp16", gradient_accumulation_steps=2)
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)  # as on a GPU
+    a, b = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.0), torch.optim.SGD(b.parameters(), lr=0.0)
+    s_a, s_b = (torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in (opt_a, opt_b))
+    a, b, opt_a, opt_b, s_a, s_b = acc.prepare(a, b, opt_a, opt_b, s_a, s_b)
+    seen = {}
+    for name, model, opt in (("a", a, opt_a), ("b", b, opt_b)):
+        opt.optimizer.register_step_pre_hook(
+            lambda o, args, kwargs, name=name, model=model: seen.update({name: model.weight.grad.item()}))
+    x = torch.ones(1, 1)
+    for _ in range(2):
+        with acc.accumulate(a, b):
+            _update(acc, a(x).sum(), a, opt_a, s_a, 0.0)
+            _update(acc, b(x).sum(), b, opt_b, s_b, 0.0)
+    assert seen == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}

@@ -54,8 +54,8 @@ class SkipCounter:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB. Alpha (RGBA, LA, PA, a transparent palette entry, or an RGB or
-    grey PNG's transparent colour, its tRNS chunk) is composited onto white; ``I;16*`` (and ``I`` within [0, 65535]) is scaled by 255/65535, ``F`` within [0, 1] by
+    """Any Pillow mode -> 8-bit RGB. Alpha (RGBA, LA, PA, a transparent palette entry, or an 8-bit
+    RGB or grey PNG's transparent colour, its tRNS chunk) is composited onto white; ``I;16*`` (and ``I`` within [0, 65535]) is scaled by 255/65535, ``F`` within [0, 1] by
     255, other ``I``/``F`` data min-max; CMYK and the rest use Pillow's ``convert("RGB")``."""
     mode = img.mode
     if mode in ("RGB", "L") and "transparency" in img.info:  # one colour (tRNS) is transparent
