@@ -11,6 +11,19 @@ from torch import nn
 
 _KERNEL = 4  # pix2pix: 4x4 convolutions, padding 1
 _MAX_MULT = 8  # channel multiplier cap (pix2pix: at most 8 * channels filters)
+
+
+def patch_logits_side(resolution: int, num_layers: int) -> int:
+    """Side of the logit map NLayerDiscriminator(num_layers) gives for a resolution x resolution
+    input, or 0 when the input is too small (a 4x4 convolution with padding 1 needs an input side
+    of at least 2): num_layers stride-2 convolutions, then two stride-1 ones (conv arithmetic:
+    out = (in + 2 - 4) // stride + 1). About resolution / 2**num_layers - 2."""
+    side = resolution
+    for stride in [2] * num_layers + [1, 1]:
+        if side + 2 < _KERNEL:
+            return 0
+        side = (side + 2 - _KERNEL) // stride + 1
+    return side
 _SLOPE = 0.2  # LeakyReLU negative slope (pix2pix)
 
 

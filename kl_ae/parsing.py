@@ -7,6 +7,7 @@ names); its message names the key and what to do.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -64,13 +65,18 @@ def check_type(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # every range check would pass a NaN
+                raise ConfigError(f"config key {key!r} expects a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -104,7 +110,10 @@ def parse_override(item: str) -> dict:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set has an empty key part in {item!r}")
-    value = load_yaml(raw) if raw.strip() else ""
+    try:
+        value = load_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:  # not YAML (e.g. "*.png", an alias to YAML): the text itself; a field
+        value = raw          # of another type then names the key and what it expects
     nested: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         nested = {part: nested}

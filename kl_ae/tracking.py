@@ -58,9 +58,9 @@ def tracker_names(spec: str) -> list[str]:
 
 
 def check_trackers(spec: str) -> None:
-    """Raise ConfigError unless every name in ``spec`` is a tracker Accelerate knows and its package
-    is installed (Accelerate itself would drop a missing one silently)."""
-    import accelerate.utils
+    """Raise ConfigError unless every name in ``spec`` is a tracker Accelerate knows (part of a
+    config's validation: it depends on no package of this machine, so a run's saved config
+    reloads anywhere; :func:`check_tracker_packages` is the training run's check)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     known = sorted(LOGGER_TYPE_TO_CLASS)
@@ -68,6 +68,15 @@ def check_trackers(spec: str) -> None:
         if name not in known:
             raise ConfigError(f"train.tracker={spec!r}: unknown tracker {name!r}; use 'none' or one or more "
                               f"comma-separated of {known}")
+
+
+def check_tracker_packages(spec: str) -> None:
+    """Raise ConfigError when a tracker's package is not installed (Accelerate itself would drop
+    it silently); checked when a training run starts, not when a config loads (a run trained with
+    wandb can be exported, evaluated or resumed with train.tracker=none where wandb is missing)."""
+    import accelerate.utils
+
+    for name in tracker_names(spec):
         available = getattr(accelerate.utils, f"is_{name}_available", None)  # None: a registered custom tracker
         if available is not None and not available():
             raise ConfigError(f"train.tracker={spec!r}: the {name} package is not installed; pip install {name}")

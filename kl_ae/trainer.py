@@ -46,7 +46,7 @@ from kl_ae.perceptual import build_lpips
 from kl_ae.precision import cpu_model, resolve_mixed_precision
 from kl_ae.schedule import TrainingClock, build_scheduler, configure, set_progress, start_step
 from kl_ae.step import StepModels, autoencoder_step, discriminator_step
-from kl_ae.tracking import flat_config, init_kwargs, tracker_names
+from kl_ae.tracking import check_tracker_packages, flat_config, init_kwargs, tracker_names
 
 logger = logging.getLogger("kl_ae")
 
@@ -204,6 +204,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     # model cannot load, or missing LPIPS weights: fail before Accelerate, models or any write.
     if cfg.model.init_from:
         check_init_from(cfg.model)
+    check_tracker_packages(t.tracker)
     if not resume and not overwrite and _holds_a_run(run_dir):
         raise ConfigError(f"train.output_dir={str(run_dir)!r} already holds a run (config.yaml or checkpoints); "
                           "continue it with --resume latest, choose a new train.output_dir, or pass --overwrite "

@@ -86,3 +86,29 @@ def test_backward_in_train_mode():
 def test_rejects_zero_layers():
     with pytest.raises(ValueError, match="num_layers"):
         PatchDiscriminator(num_layers=0)
+
+
+@pytest.mark.parametrize("resolution", [8, 16, 24, 32, 64])
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
+def test_patch_logits_side_matches_the_network(resolution, num_layers):
+    """config_checks rejects a discriminator too deep for the crops with this arithmetic."""
+    from kl_ae.discriminator import patch_logits_side
+
+    try:
+        side = PatchDiscriminator(channels=4, num_layers=num_layers).eval()(torch.zeros(1, 3, resolution, resolution)).shape[-1]
+    except RuntimeError:  # "Kernel size can't be greater than actual input size"
+        side = 0
+    assert patch_logits_side(resolution, num_layers) == side
+
+
+def test_a_discriminator_too_deep_for_the_crops_is_a_config_error():
+    from kl_ae.config import load_config
+    from kl_ae.parsing import ConfigError
+
+    base = ["model.block_out_channels=[8,16]", "model.norm_num_groups=8", "data.resolution=16", "data.short_side_range=[]"]
+    with pytest.raises(ConfigError, match=r"loss.disc_num_layers=3 is too deep for data.resolution=16.*<=2"):
+        load_config(None, base + ["loss.disc_start=10", "train.max_steps=100"])
+    load_config(None, base + ["loss.disc_start=100", "train.max_steps=100"])  # the GAN never turns on
+    with pytest.raises(ConfigError, match="data.final_resolution=16"):
+        load_config(None, base + ["data.resolution=32", "data.final_resolution=16", "data.final_fraction=0.3",
+                                  "loss.disc_num_layers=3", "loss.disc_start=0", "train.max_steps=100"])

@@ -113,3 +113,19 @@ def test_a_decoder_only_fine_tune_of_a_flux2_vae_keeps_its_batchnorm_statistics_
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert "kept from model.init_from" in json.loads((tmp_path / "run/export/latent_stats.json").read_text())["source"]
+
+
+def test_the_unsharded_copy_of_a_flux2_vae_is_a_flux2_vae():
+    """FSDP2 export and evaluation go through kl_ae.distributed.unsharded_autoencoder: its copy
+    must keep the BatchNorm (an AutoencoderKL from the same config cannot load it)."""
+    from diffusers import AutoencoderKLFlux2
+
+    from kl_ae.config import ModelConfig
+    from kl_ae.distributed import unsharded_autoencoder
+    from kl_ae.model import build_autoencoder
+
+    vae = build_autoencoder(ModelConfig(architecture="AutoencoderKLFlux2", block_out_channels=[8, 16],
+                                        layers_per_block=1, norm_num_groups=8, latent_channels=4))
+    plain, _ = unsharded_autoencoder(vae, None, is_main=True)
+    assert isinstance(plain, AutoencoderKLFlux2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), vae.state_dict().values()))

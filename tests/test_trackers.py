@@ -31,10 +31,16 @@ def test_unknown_tracker_is_a_config_error_naming_the_known_ones():
     assert {"tensorboard", "wandb", "mlflow", "comet_ml"} <= set(LOGGER_TYPE_TO_CLASS)  # names we document
 
 
-def test_tracker_without_its_package_says_what_to_install(monkeypatch):
+def test_tracker_without_its_package_says_what_to_install_when_training_starts(monkeypatch, tmp_path):
+    """A saved config naming wandb still loads (export, eval, resume with another tracker where
+    wandb is missing); training with it stops before any write, saying what to install."""
+    from kl_ae.trainer import train
+
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, as if not installed
+    cfg = load_config(None, ["train.tracker=tensorboard,wandb", f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=re.escape("pip install wandb")):
-        load_config(None, ["train.tracker=tensorboard,wandb"])
+        train(cfg)
+    assert not (tmp_path / "run").exists()
     assert load_config(None, ["train.tracker=none"]).train.tracker == "none"
 
 
