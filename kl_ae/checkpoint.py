@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,10 +184,34 @@ def _load_sharded(directory: Path) -> dict[str, torch.Tensor]:
 def finalize_checkpoint(tmp_dir: Path, final_dir: Path, loop_state: dict) -> None:
     """Write loop_state.json last, rename the temporary directory into place, update ``latest``."""
     (tmp_dir / LOOP_STATE).write_text(json.dumps(loop_state, indent=2))
-    if final_dir.exists():  # a checkpoint of the same step from an earlier, resumed attempt
-        shutil.rmtree(final_dir)
+    old = None
+    if final_dir.exists():  # a checkpoint of the same step from an earlier attempt: renamed aside
+        old = final_dir.with_name(f".old-{final_dir.name}")  # first (two renames, not a slow delete,
+        shutil.rmtree(old, ignore_errors=True)                # while `latest` may name it)
+        os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
     write_latest(final_dir.parent, final_dir.name)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(checkpoints_dir: Path, resumed: Path) -> Path | None:
+    """Resuming from an earlier checkpoint than the run's newest starts another timeline: move the
+    later ``step-*`` directories into ``abandoned-<time>/`` beside them (kept, not deleted; left in
+    place they would count towards train.keep_last, crowd out the new timeline's checkpoints and
+    be replaced one by one) and point ``latest`` at the checkpoint resumed from. Returns the
+    folder they went to, or None when no checkpoint was later."""
+    step = read_loop_state(resumed)["step"]
+    later = sorted(p for p in checkpoints_dir.glob("step-*")
+                   if p.is_dir() and p.name != resumed.name and p.name[5:].isdigit() and int(p.name[5:]) > step)
+    if not later:
+        return None
+    aside = checkpoints_dir / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    write_latest(checkpoints_dir, resumed.name)
+    return aside
 
 
 def read_loop_state(checkpoint: Path) -> dict:

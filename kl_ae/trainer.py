@@ -238,13 +238,19 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
     )
     check_distributed(accelerator, cfg)
+    aside = None
     if accelerator.is_main_process:
         if overwrite and _holds_a_run(run_dir):
             logger.warning("--overwrite: moved the run in %s aside to %s", run_dir, _move_aside(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / RUN_CONFIG)
+        if ckpt is not None and ckpt.parent.resolve() == (run_dir / "checkpoints").resolve():
+            aside = ckpt_io.set_aside_later_checkpoints(ckpt.parent, ckpt)
     accelerator.wait_for_everyone()
     handler = _add_run_log(run_dir, accelerator.is_main_process)
+    if aside is not None:
+        logger.warning("resuming from %s, an earlier checkpoint than the run's newest: the later ones were moved "
+                       "to %s", ckpt.name, aside)
     logger.log(note_level, precision_note)
     logger.info("CPU: %s", cpu_model())  # benchmarks and bug reports need the machine a figure came from
     try:
@@ -402,6 +408,9 @@ def _loop(cfg, accelerator, models, ema, vae, batches: TrainBatches, run_dir, st
         check_replicas(accelerator, models)
         if last_saved != state.step:
             checkpoint(seconds)
+        # a signal during the last step's grid, evaluation or checkpoint: stop here too (the export
+        # and evaluation could outlast a scheduler's grace period); resuming then exports
+        stopped_by = stopped_by or signals.agreed(accelerator)
     if stopped_by:
         config_file = run_dir / RUN_CONFIG
         if accelerator.is_main_process:

@@ -195,3 +195,21 @@ def test_an_export_without_its_weights_is_a_clear_error(run, tmp_path, capsys):
     assert main(["eval", str(export), str(photos), "--resolution", "32"]) == 2
     err = capsys.readouterr().err
     assert "diffusion_pytorch_model.safetensors" in err and "kl-ae export" in err and "Traceback" not in err
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run, tmp_path):
+    """Another timeline from step 1: step-2 of the old one is kept, in abandoned-*/, not mixed with
+    the new checkpoints, counted by train.keep_last or overwritten."""
+    import shutil
+
+    photos, run_dir = run
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    old_step_2 = snapshot(work / "checkpoints/step-0000002")
+    cfg = load_config(None, helpers.tiny_train_overrides(photos, work, 3, **{"train.keep_last": 2}))
+    train(cfg, resume=str(work / "checkpoints/step-0000001"))
+    aside = [p for p in (work / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and snapshot(aside[0] / "step-0000002") == old_step_2
+    assert sorted(p.name for p in (work / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000003"]
+    assert (work / "checkpoints/latest").read_text().strip() == "step-0000003"
+    assert "the later ones were moved to" in (work / "train.log").read_text()

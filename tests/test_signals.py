@@ -156,3 +156,29 @@ def test_sigterm_to_accelerate_launch_stops_both_ranks_at_one_step_and_resumes_e
         b = load_file(str(run_dir / "checkpoints/step-0000030" / name))
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_a_signal_during_the_last_steps_bookkeeping_stops_before_the_export(tmp_path, monkeypatch):
+    """The last step's sample grid, evaluation and checkpoint run after the step's signal check:
+    a signal there stops the run with its checkpoint instead of going on to the export and the
+    evaluation (which could outlast a scheduler's grace period); resuming then exports."""
+    from kl_ae import trainer
+    from kl_ae.config import load_config
+
+    photos = helpers.write_noise_photos(tmp_path / "photos", 4)
+    real_grid = trainer.save_sample_grid
+
+    def grid_then_signal(accelerator, run_dir, x, rec, step):
+        real_grid(accelerator, run_dir, x, rec, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer, "save_sample_grid", grid_then_signal)
+    cfg = load_config(None, helpers.tiny_train_overrides(photos, tmp_path / "run", 3))
+    with pytest.raises(interrupt.TrainingInterrupted):
+        trainer.train(cfg)
+    assert read_loop_state(resolve_checkpoint("latest", tmp_path / "run"))["step"] == 3
+    assert not (tmp_path / "run" / "export").exists()
+    monkeypatch.setattr(trainer, "save_sample_grid", real_grid)
+    trainer.train(load_config(tmp_path / "run" / "config.yaml"), resume="latest")
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
