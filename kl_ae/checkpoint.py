@@ -206,7 +206,11 @@ def set_aside_later_checkpoints(checkpoints_dir: Path, resumed: Path) -> Path | 
                    if p.is_dir() and p.name != resumed.name and p.name[5:].isdigit() and int(p.name[5:]) > step)
     if not later:
         return None
-    aside = checkpoints_dir / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside, n = checkpoints_dir / stamp, 1
+    while aside.exists():  # a second set-aside within the same second
+        n += 1
+        aside = checkpoints_dir / f"{stamp}-{n}"
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)

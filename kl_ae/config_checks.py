@@ -4,6 +4,8 @@ files it names have moved (model.init_from and the teachers are checked when a r
 
 from __future__ import annotations
 
+import logging
+
 from kl_ae.discriminator import patch_logits_side
 from kl_ae.init_scheme import SCHEMES as INIT_SCHEMES, block_means_problem
 from kl_ae.parsing import ConfigError
@@ -43,23 +45,12 @@ def check_config(cfg) -> None:
             f"data.short_side_range must be [lo, hi] with data.resolution <= lo <= hi, got {d.short_side_range}"
         )
     _check_final_phase(d, f)
-    if loss.disc_start < t.max_steps:  # the GAN turns on: its discriminator must fit every crop size
-        for key, side in (("data.resolution", d.resolution), ("data.final_resolution", d.final_resolution)):
-            if side and not patch_logits_side(side, loss.disc_num_layers):
-                deepest = max((n for n in range(1, loss.disc_num_layers) if patch_logits_side(side, n)), default=0)
-                raise ConfigError(
-                    f"loss.disc_num_layers={loss.disc_num_layers} is too deep for {key}={side}: each layer halves "
-                    f"the crop, and the discriminator would fail at loss.disc_start; use loss.disc_num_layers<="
-                    f"{deepest} or larger crops")
     # model.init_from's files are checked by check_init_from when a run starts, not here:
     # validating reads no disk, so a run's saved config.yaml reloads after its VAE has moved
     if m.init_config and not m.init_from:
         raise ConfigError("model.init_config describes a single-file model.init_from; set model.init_from too")
     if not m.train_encoder and not m.init_from:
         raise ConfigError("model.train_encoder=false (decoder-only) needs model.init_from: a trained VAE to keep")
-    if not m.train_encoder and loss.vf_weight > 0:
-        raise ConfigError("loss.vf_weight > 0 aligns the latent with a teacher, but model.train_encoder=false "
-                          "freezes the encoder that makes the latent: set loss.vf_weight=0")
     if loss.fp16_fix:
         if not m.init_from:
             raise ConfigError("loss.fp16_fix needs model.init_from: the VAE whose outputs the fp16-fix keeps")
@@ -115,6 +106,29 @@ def check_config(cfg) -> None:
                           f"got {cfg.optim.implementation!r}")
     check_trackers(t.tracker)
     _check_recipe_terms(loss)
+
+
+def check_run_start(cfg) -> None:
+    """Checks of what a training run with ``cfg`` will do, made when it starts (kl_ae.trainer.train)
+    rather than in :func:`check_config`: a checkpoint's saved config must still reload for export,
+    eval or a resume with other settings. Raises ConfigError; logs a warning where the run may
+    end (train.max_minutes) before the problem is reached."""
+    m, d, loss, t = cfg.model, cfg.data, cfg.loss, cfg.train
+    if not m.train_encoder and loss.vf_weight > 0:
+        raise ConfigError("loss.vf_weight > 0 aligns the latent with a teacher, but model.train_encoder=false "
+                          "freezes the encoder that makes the latent: set loss.vf_weight=0")
+    if loss.disc_start >= t.max_steps:  # the GAN never turns on
+        return
+    for key, side in (("data.resolution", d.resolution), ("data.final_resolution", d.final_resolution)):
+        if side and not patch_logits_side(side, loss.disc_num_layers):
+            deepest = max((n for n in range(1, loss.disc_num_layers) if patch_logits_side(side, n)), default=0)
+            problem = (f"loss.disc_num_layers={loss.disc_num_layers} is too deep for {key}={side}: each layer "
+                       f"halves the crop, and the discriminator would fail at loss.disc_start={loss.disc_start}; "
+                       f"use loss.disc_num_layers<={deepest} or larger crops")
+            if t.max_minutes > 0:  # the budget may end the run first
+                logging.getLogger("kl_ae").warning("%s (if train.max_minutes lets the run get there)", problem)
+            else:
+                raise ConfigError(problem)
 
 
 EQ_TRANSFORMS = ("scale", "rot90")

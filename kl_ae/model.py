@@ -125,8 +125,11 @@ def load_or_build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     encoder side is frozen."""
     if cfg.init_from and Path(cfg.init_from).is_file():
         config = check_init_from(cfg)  # init_config's diffusers config, or None: this section
-        vae = load_ldm_vae_weights(autoencoder_class(config.get("_class_name", "AutoencoderKL")).from_config(config)
-                                   if config else build_autoencoder(cfg), cfg.init_from)
+        if (config or {}).get("_class_name", cfg.architecture) != "AutoencoderKL":
+            raise ConfigError(f"model.init_from={cfg.init_from!r}: a single file loads only into an AutoencoderKL "
+                              "(the LDM/SGM layout); for a FLUX.2 VAE use its diffusers vae/ folder")
+        vae = load_ldm_vae_weights(AutoencoderKL.from_config(config) if config else build_autoencoder(cfg),
+                                   cfg.init_from)
         if config is None and not cfg.train_encoder:
             logger.warning("model.init_from is a single file without model.init_config: its scaling_factor is "
                            "unknown, so the export measures one; set model.init_config to keep the original")

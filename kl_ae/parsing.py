@@ -112,8 +112,13 @@ def parse_override(item: str) -> dict:
         raise ConfigError(f"--set has an empty key part in {item!r}")
     try:
         value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:  # not YAML (e.g. "*.png", an alias to YAML): the text itself; a field
-        value = raw          # of another type then names the key and what it expects
+    except yaml.YAMLError as err:
+        if raw.strip().startswith("*"):  # "*.png": YAML reads an alias; a glob is what was meant
+            value = raw.strip()
+        else:
+            why = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value ({why}); quote it or fix "
+                              "the brackets") from None
     nested: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         nested = {part: nested}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from kl_ae import checkpoint as ckpt_io
 from kl_ae.checkpoint import LoopState, restore_checkpoint, save_checkpoint
 from kl_ae.config import Config, config_yaml, save_config
+from kl_ae.config_checks import check_run_start
 from kl_ae.data.images import shuffle_channels
 from kl_ae.data.loaders import TrainBatches
 from kl_ae.eval.fp16 import first_images
@@ -205,6 +206,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if cfg.model.init_from:
         check_init_from(cfg.model)
     check_tracker_packages(t.tracker)
+    check_run_start(cfg)
     if not resume and not overwrite and _holds_a_run(run_dir):
         raise ConfigError(f"train.output_dir={str(run_dir)!r} already holds a run (config.yaml or checkpoints); "
                           "continue it with --resume latest, choose a new train.output_dir, or pass --overwrite "

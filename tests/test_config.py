@@ -58,15 +58,17 @@ def test_override_and_types(tmp_path):
     ("train.max_minutes=nan", "train.max_minutes"),  # NaN passes every range check
     ("optim.base_learning_rate=.inf", "optim.base_learning_rate"),
     ("model.block_out_channels=[32,64", "model.block_out_channels"),  # not YAML: the text, not a list
-    ("loss.vf_weight=0.1|loss.vf_teacher=random|model.train_encoder=false|model.init_from=vae", "loss.vf_weight"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, override.split("|"))
 
 
-def test_a_set_value_that_is_not_yaml_is_taken_as_text():
-    assert load_config(None, ["data.val=*.png"]).data.val == "*.png"  # '*' starts a YAML alias
+def test_a_set_value_that_is_not_yaml_is_an_error_naming_the_key_except_a_glob():
+    assert load_config(None, ["data.val= *.png"]).data.val == "*.png"  # '*' starts a YAML alias
+    for item in ("train.output_dir=[runs/x", "data.val='a b"):
+        with pytest.raises(ConfigError, match=f"--set {item.split('=')[0]}: .* is not a YAML value"):
+            load_config(None, [item])
 
 
 def test_yaml_unknown_key_is_an_error(tmp_path):

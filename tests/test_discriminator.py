@@ -101,14 +101,22 @@ def test_patch_logits_side_matches_the_network(resolution, num_layers):
     assert patch_logits_side(resolution, num_layers) == side
 
 
-def test_a_discriminator_too_deep_for_the_crops_is_a_config_error():
+def test_a_discriminator_too_deep_for_the_crops_stops_the_run_at_its_start(caplog):
+    """Checked when a run starts, not when a config loads (a checkpoint's config must reload);
+    with a time budget, which may end the run before disc_start, it is a warning."""
     from kl_ae.config import load_config
+    from kl_ae.config_checks import check_run_start
     from kl_ae.parsing import ConfigError
 
     base = ["model.block_out_channels=[8,16]", "model.norm_num_groups=8", "data.resolution=16", "data.short_side_range=[]"]
+    cfg = load_config(None, base + ["loss.disc_start=10", "train.max_steps=100"])  # loads
     with pytest.raises(ConfigError, match=r"loss.disc_num_layers=3 is too deep for data.resolution=16.*<=2"):
-        load_config(None, base + ["loss.disc_start=10", "train.max_steps=100"])
-    load_config(None, base + ["loss.disc_start=100", "train.max_steps=100"])  # the GAN never turns on
+        check_run_start(cfg)
+    check_run_start(load_config(None, base + ["loss.disc_start=100", "train.max_steps=100"]))  # the GAN never turns on
     with pytest.raises(ConfigError, match="data.final_resolution=16"):
-        load_config(None, base + ["data.resolution=32", "data.final_resolution=16", "data.final_fraction=0.3",
-                                  "loss.disc_num_layers=3", "loss.disc_start=0", "train.max_steps=100"])
+        check_run_start(load_config(None, base + ["data.resolution=32", "data.final_resolution=16",
+                                                  "data.final_fraction=0.3", "loss.disc_start=0", "train.max_steps=100"]))
+    with caplog.at_level("WARNING", logger="kl_ae"):
+        check_run_start(load_config(None, base + ["loss.disc_start=10", "train.max_minutes=2"]))
+    assert "too deep for data.resolution=16" in caplog.text and "train.max_minutes" in caplog.text
+

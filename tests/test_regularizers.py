@@ -281,3 +281,14 @@ def test_eq_transforms_work_in_bf16():
     z = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
     out = regularizers.EqTransform("scale", 0.5).latent(z)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 4, 4)
+
+
+def test_the_vf_term_with_a_frozen_encoder_stops_the_run_at_its_start():
+    from kl_ae.config import load_config
+    from kl_ae.config_checks import check_run_start
+    from kl_ae.parsing import ConfigError
+
+    cfg = load_config(None, ["loss.vf_weight=0.1", "loss.vf_teacher=random", "model.train_encoder=false",
+                             "model.init_from=vae"])
+    with pytest.raises(ConfigError, match="model.train_encoder=false freezes the encoder"):
+        check_run_start(cfg)

@@ -175,3 +175,9 @@ def test_decoder_only_finetune_from_single_file(original, tmp_path, with_config)
         assert config["scaling_factor"] == 0.123 and "model.init_config=" in stats["source"]
     else:
         assert config["scaling_factor"] == pytest.approx(1 / stats["std"]) and "measured" in stats["source"]
+
+
+def test_a_single_file_for_a_flux2_model_is_one_clear_error(original, tmp_path):
+    """The LDM/SGM conversion knows no FLUX.2 BatchNorm: say to use the diffusers folder instead."""
+    with pytest.raises(ConfigError, match="single file loads only into an AutoencoderKL.*FLUX.2"):
+        load("model.architecture=AutoencoderKLFlux2", f"model.init_from={tmp_path / 'vae.safetensors'}")
