@@ -12,12 +12,19 @@ checkpoint writes left out), one after another on the same machine, never at the
   kl-ae      ``kl-ae train CONFIG`` with ``train.max_minutes`` = the budget and a checkpoint every
              ``--every`` minutes (``train.checkpoint_every_minutes``); ``--variant NAME=KEY=VALUE,...``
              adds runs with other ``--set`` overrides
-  plain      bench/plain_loop.py (LDM's optimizer settings, fp32, eager), saving its model at the
-             same time marks
+  plain      bench/plain_loop.py (LDM's Adam betas, LR 2e-4, fp32, eager), saving its model at the
+             same time marks; with LPIPS its VGG trunk is random, so the bench refuses --plain when
+             the config's perceptual_weight > 0
   peer       the diffusers research-project trainer (train_autoencoderkl.py, a file you fetch), same
              architecture, resolution, batch and loss terms; it has no time limit, so a short run
              first measures its step rate and the real run gets the steps that fill the budget;
              its final model is evaluated at its measured training time
+
+The data pipelines are each trainer's own, not matched: kl-ae takes random crops of photos
+resized to ``data.short_side_range`` (with its config's channel shuffle, final phase, dead
+leaves); the peer resizes each whole photo to the resolution and centre-crops it (no flip), and
+the plain loop does the same with a random crop. The peer trains on L1 alone where kl-ae's
+config may add L2 (the peer has no L2 term).
 
 Every saved model is then evaluated on ``--val`` with ``kl-ae eval``'s protocol (kl_ae.eval.evaluate:
 short side resized to 256, centre crop, PSNR on 8-bit images, SSIM, LPIPS only with the real
@@ -201,6 +208,15 @@ def _step_times(steps_json: Path) -> list[float]:
     return json.loads(steps_json.read_text())["times_s"]
 
 
+def peer_images_seen(kinds: list[str], n_images: int, batch: int) -> int:
+    """Images the peer's autoencoder updates saw: each loop iteration over its DataLoader (which
+    keeps the last, partial batch of an epoch) is one optimizer step, ``kinds[i]`` 'ae' or 'd';
+    the last of each epoch's ceil(n/batch) batches holds n - (ceil(n/batch) - 1) * batch images."""
+    per_epoch = -(-n_images // batch)
+    last = n_images - (per_epoch - 1) * batch
+    return sum(last if i % per_epoch == per_epoch - 1 else batch for i, kind in enumerate(kinds) if kind == "ae")
+
+
 def _materialise(spec: str, folder: Path) -> Path:
     """An image folder for trainers that only read folders (the peer, the plain loop)."""
     if Path(spec).is_dir():
@@ -299,6 +315,7 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
     """Calibrate the peer's step rate, then run it for the steps that fill the budget, saving a
     checkpoint (its ``checkpoint-N/autoencoderkl[_ema]/`` is a loadable AutoencoderKL) about every
     ``--every`` minutes. Times come from bench/steptimer.py (first optimizer step = 0)."""
+    from kl_ae.data.sources import list_image_files
     from kl_ae.model import build_autoencoder
 
     env = {**env, "TORCH_HOME": str(work / "peer-torch")}
@@ -336,8 +353,9 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
             sub = d / ("autoencoderkl_ema" if (d / "autoencoderkl_ema").is_dir() else "autoencoderkl")
             path = sub if d != final else d
             if n <= len(times) and (path / "config.json").is_file():
-                ae_updates = sum(1 for k in kinds[:n] if k == "ae")
-                result["points"].append({"path": str(path), "step": n, "images_seen": ae_updates * cfg.train.batch_size,
+                result["points"].append({"path": str(path), "step": n,
+                                         "images_seen": peer_images_seen(kinds[:n], len(list_image_files(str(data))),
+                                                                         cfg.train.batch_size),
                                          "minutes": (times[n - 1] - times[0]) / 60})
         result["points"] = list({p["step"]: p for p in result["points"]}.values())
     if res.get("error"):
@@ -358,6 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     from kl_ae.precision import machine_info, resolve_mixed_precision
 
     cfg = load_config(a.config, _kl_ae_settings(a, Path("unused")))
+    if a.plain and cfg.loss.perceptual_weight > 0:  # its trunk would be random against kl-ae's real one
+        raise SystemExit("--plain: bench/plain_loop.py's LPIPS has a random VGG trunk; leave --plain out or set "
+                         "loss.perceptual_weight=0 in the config")
     precision, note, _ = resolve_mixed_precision(cfg.train.mixed_precision, process_state().device)
     meta = {"argv": sys.argv[1:] if argv is None else argv, **machine_info(),
             "precision": precision, "precision_note": note, "date": time.strftime("%Y-%m-%d %H:%M"),

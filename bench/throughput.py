@@ -115,6 +115,7 @@ def _commands(a: argparse.Namespace, work: Path, data: Path, vae_dir: Path, val_
         f"loss.perceptual_weight={lpips_w}", "loss.lpips_trunk=random", "train.checkpoint_every=1000000",
         "train.image_every=1000000", "train.log_every=1000000", "train.tracker=none",
         f"train.scaling_images={a.batch}",
+        "data.final_resolution=0", "data.final_fraction=0",  # the config's final phase would change the batch
     ]
     runs: dict[str, list[str]] = {}
 

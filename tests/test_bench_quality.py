@@ -216,3 +216,13 @@ def test_an_interrupted_evaluation_keeps_the_points_evaluated_so_far(monkeypatch
     table = quality._table(quality._parse(["--minutes", "3"]), {"kl-ae": {"points": points}}, None,
                            {"precision": "bf16", "cpu_capability": "AVX512", "device": "cuda"})
     assert "| kl-ae | 2.00 | 20 | 2 | not evaluated | | |" in table
+
+
+def test_peer_images_seen_counts_each_epochs_partial_batch():
+    """53 photos in batches of 16: 16, 16, 16, 5 per epoch (the peer's DataLoader keeps the last
+    batch); with the GAN on, iterations alternate between the autoencoder and the discriminator."""
+    quality = _load("quality")
+    assert quality.peer_images_seen(["ae"] * 8, 53, 16) == 2 * 53
+    assert quality.peer_images_seen(["ae"] * 5, 53, 16) == 53 + 16
+    assert quality.peer_images_seen(["ae", "d", "ae", "d"], 53, 16) == 16 + 16  # iterations 0 and 2
+    assert quality.peer_images_seen(["d", "ae", "d", "ae"], 53, 16) == 16 + 5  # iteration 3: the partial batch
