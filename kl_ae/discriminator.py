@@ -11,6 +11,7 @@ from torch import nn
 
 _KERNEL = 4  # pix2pix: 4x4 convolutions, padding 1
 _MAX_MULT = 8  # channel multiplier cap (pix2pix: at most 8 * channels filters)
+_SLOPE = 0.2  # LeakyReLU negative slope (pix2pix)
 
 
 def patch_logits_side(resolution: int, num_layers: int) -> int:
@@ -24,7 +25,6 @@ def patch_logits_side(resolution: int, num_layers: int) -> int:
             return 0
         side = (side + 2 - _KERNEL) // stride + 1
     return side
-_SLOPE = 0.2  # LeakyReLU negative slope (pix2pix)
 
 
 class PatchDiscriminator(nn.Module):

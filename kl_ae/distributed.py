@@ -90,11 +90,11 @@ def unsharded_autoencoder(vae: AutoencoderKL, ema: EMAModel | None,
     shadows = [full_tensor(s) for s in ema.shadow_params] if ema is not None else None
     if not is_main:
         return None, None
-    from kl_ae.model import autoencoder_class  # here: kl_ae.model imports the training stack
+    from kl_ae.model import autoencoder_class, is_flux2  # here: kl_ae.model imports the training stack
 
-    # not type(vae), FSDP2's wrapper class; an AutoencoderKLFlux2's BatchNorm (vae.bn) would not
-    # load into an AutoencoderKL
-    plain = autoencoder_class("AutoencoderKLFlux2" if hasattr(vae, "bn") else "AutoencoderKL").from_config(vae.config)
+    # not type(vae), FSDP2's wrapper class; an AutoencoderKLFlux2's BatchNorm would not load into
+    # an AutoencoderKL
+    plain = autoencoder_class("AutoencoderKLFlux2" if is_flux2(vae) else "AutoencoderKL").from_config(vae.config)
     plain.load_state_dict(state)
     plain.to(next(iter(state.values())).device).train(vae.training)
     plain_ema = None

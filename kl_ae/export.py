@@ -25,7 +25,7 @@ from kl_ae.config import Config
 
 from kl_ae.checkpoint import resolve_checkpoint
 from kl_ae.eval.tiling import default_tile_size
-from kl_ae.model import autoencoder_from_checkpoint, check_init_from
+from kl_ae.model import autoencoder_from_checkpoint, check_init_from, is_flux2
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def save_export(vae: AutoencoderKL, out_dir: str | Path, factors: dict, provenan
     # sample_size only sets diffusers' tile size (enable_tiling): the training resolution, or more
     # when the decoder's receptive field is wider (measured in bench/tiling.py)
     tile = default_tile_size(vae, int(factors["resolution"]))
-    if hasattr(vae, "bn"):  # AutoencoderKLFlux2: its pipelines read the BatchNorm statistics, no factors
+    if is_flux2(vae):  # its pipelines read the BatchNorm statistics, no factors
         vae.register_to_config(sample_size=tile)
         if factors.get("flux2_bn_mean") is not None:  # measured (a decoder-only fine-tune keeps its own)
             with torch.no_grad():
@@ -253,7 +253,7 @@ def audit_export(vae: AutoencoderKL, export_dir: Path, images: str, resolution: 
 
 
 def _no_upcast_if_safe(vae: AutoencoderKL, export_dir: Path, audit: dict, fp16_fix: bool) -> None:
-    if hasattr(vae, "bn"):  # AutoencoderKLFlux2: no force_upcast in its config, nor in its pipelines
+    if is_flux2(vae):  # no force_upcast in its config, nor in its pipelines
         return
     if fp16_fix and audit.get("fp16_safe"):  # SDXL pipelines upcast a VAE unless its config says not to
         vae.register_to_config(force_upcast=False)

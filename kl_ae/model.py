@@ -94,6 +94,12 @@ def autoencoder_class(name: str):
     return AutoencoderKL
 
 
+def is_flux2(vae) -> bool:
+    """Whether ``vae`` is an AutoencoderKLFlux2, also under FSDP2 (whose wrapper class is not
+    the model's): its latent BatchNorm, ``vae.bn``, is what sets it apart from an AutoencoderKL."""
+    return hasattr(vae, "bn")
+
+
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     """A randomly initialised diffusers ``AutoencoderKL`` in the LDM/SD layout (no download), or
     ``AutoencoderKLFlux2`` (the same network, 2x2 latent patches, BatchNorm eps 1e-4) for
