@@ -347,6 +347,7 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
     if (out / "steps.json").is_file():
         rec = json.loads((out / "steps.json").read_text())
         kinds = rec["kinds"]
+        n_images = len(list_image_files(str(data)))  # the peer's epoch length, for images_seen
         dirs = sorted(out.glob("model/checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
         times = _training_times(rec["times_s"], [1, *(int(d.name.split("-")[1]) for d in dirs)])
         final = out / "model" if (out / "model" / "config.json").is_file() else None
@@ -355,7 +356,7 @@ def _run_peer(a: argparse.Namespace, cfg, work: Path, env: dict, precision: str)
             path = sub if d != final else d
             if n <= len(times) and (path / "config.json").is_file():
                 result["points"].append({"path": str(path), "step": n,
-                                         "images_seen": peer_images_seen(kinds[:n], len(list_image_files(str(data))),
+                                         "images_seen": peer_images_seen(kinds[:n], n_images,
                                                                          cfg.train.batch_size),
                                          "minutes": (times[n - 1] - times[0]) / 60})
         result["points"] = list({p["step"]: p for p in result["points"]}.values())
